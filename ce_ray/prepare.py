@@ -1,0 +1,142 @@
+"""Prepared data: rows checked, shaped for the loss and saved where every worker can read them.
+
+The driver runs :func:`prepare_data` before any worker starts, so bad rows fail the command before
+Ray does any work. The result is saved with ``datasets``' ``save_to_disk`` (Arrow files) under
+``data.cache_dir`` (default ``<run.output_dir>/data``), keyed by a fingerprint of the source files
+and every setting that changes the rows. Workers open it with :func:`load_prepared`: the Arrow
+files are memory-mapped, so N workers on a node share one copy in the page cache instead of
+each holding the dataset, and each worker's sampler reads only its shard.
+
+Mined negatives are cached the same way, so tune trials that share data mine once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from ce_ray import storage
+from ce_ray.config import JobConfig
+from ce_ray.data import CheckedRows, RerankGroups, fingerprint, load_split, mine_negatives, rerank_groups, source_fingerprint
+from ce_ray.losses import LOSSES, needs_mining, shape_rows
+
+__all__ = ["PreparedData", "PreparedSplit", "load_prepared", "prepare_data", "prepare_split"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedSplit:
+    """One saved split: where it is and what it holds."""
+
+    uri: str
+    rows: int
+    dropped: int
+    columns: list[str]
+
+
+@dataclass
+class PreparedData:
+    """What the workers need: the shaped training rows and the eval rows."""
+
+    train: PreparedSplit
+    eval: PreparedSplit
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PreparedData:
+        return cls(PreparedSplit(**raw["train"]), PreparedSplit(**raw["eval"]))
+
+
+def cache_root(job: JobConfig) -> str:
+    return job.data.cache_dir or storage.join(job.run.output_dir, "data")
+
+
+def _save_table(table: pa.Table, uri: str) -> None:
+    from datasets import Dataset
+
+    with tempfile.TemporaryDirectory(prefix="ce_ray_data_") as tmp:
+        Dataset(table).save_to_disk(os.path.join(tmp, "ds"))
+        storage.publish_dir(os.path.join(tmp, "ds"), uri)
+
+
+def _rows_key(job: JobConfig, split: str) -> dict[str, Any]:
+    src = getattr(job.data, split)
+    return {
+        "source": source_fingerprint(src),
+        "task": job.task,
+        "split": split,
+        "num_labels": job.num_labels,
+        "labels": job.model.labels,
+        "drop_invalid": job.data.drop_invalid,
+    }
+
+
+def mined_groups(job: JobConfig, rows: CheckedRows, groups: RerankGroups, device: str | None = None) -> RerankGroups:
+    """``groups`` plus mined negatives, cached under the data cache by source and mining settings."""
+    key = fingerprint(_rows_key(job, "train"), job.data.negatives.model_dump(mode="json"), "mined-v1")
+    uri = storage.join(cache_root(job), f"mined-{key}")
+    if storage.exists(storage.join(uri, "dataset_info.json")):
+        table = load_prepared(uri).data.table
+        return RerankGroups(
+            table.column("query").to_pylist(),
+            table.column("docs").to_pylist(),
+            table.column("labels").to_pylist(),
+            groups.kind,
+        )
+    mined = mine_negatives(groups, job.data.negatives, device=device)
+    _save_table(pa.table({"query": mined.queries, "docs": mined.docs, "labels": mined.labels}), uri)
+    return mined
+
+
+def prepare_split(job: JobConfig, split: str, device: str | None = None) -> PreparedSplit:
+    """Check (and for ``train``, shape and maybe mine) one split and save it; reuse a cached copy.
+
+    Raises:
+        ConfigError / DataError: the split is not configured, or its rows are invalid.
+    """
+    rows_key = _rows_key(job, split)
+    if split == "train":
+        rows_key |= {"loss": LOSSES[job.loss.name].shape, "negatives": job.data.negatives.model_dump(mode="json")}
+    uri = storage.join(cache_root(job), f"{split}-{fingerprint(rows_key, 'v1')}")
+    meta_uri = storage.join(uri, "ce_ray_split.json")
+    if storage.exists(meta_uri):
+        cached = storage.read_json(meta_uri)
+        logger.info("data.%s: using prepared rows at %s", split, uri)
+        return PreparedSplit(**cached)
+    rows = load_split(job, split)
+    table = rows.table
+    if split == "train":
+        groups = None
+        if job.task == "rerank":
+            groups = rerank_groups(rows)
+            if needs_mining(job, groups):
+                groups = mined_groups(job, rows, groups, device=device)
+        table = shape_rows(job, rows, groups)
+    _save_table(table, uri)
+    prepared = PreparedSplit(uri=uri, rows=table.num_rows, dropped=rows.dropped, columns=table.column_names)
+    storage.write_json(meta_uri, asdict(prepared))
+    return prepared
+
+
+def prepare_data(job: JobConfig, device: str | None = None) -> PreparedData:
+    """Prepare ``data.train`` and ``data.eval`` of a job (see module docstring)."""
+    job.require_data("train", "eval")
+    # eval first: it is cheap, and a bad eval file should fail before mining starts
+    eval_split = prepare_split(job, "eval")
+    train_split = prepare_split(job, "train", device=device)
+    return PreparedData(train=train_split, eval=eval_split)
+
+
+def load_prepared(uri: str):
+    """Open a prepared split as a memory-mapped ``datasets.Dataset`` (downloaded once per node if remote)."""
+    from datasets import Dataset
+
+    return Dataset.load_from_disk(storage.download_dir(uri))

@@ -1,0 +1,154 @@
+"""Storage for run outputs through pyarrow filesystems: local paths, file://, s3://, gs://.
+
+Everything a run publishes (summaries, final models, prepared data) is written to a temporary
+name first and then moved into place, so a reader never sees half a file. On a local filesystem
+the move is an atomic rename; object stores have no atomic rename, so there a directory is
+copied under a temporary prefix, then copied to its name, and a JSON file is written as one PUT
+(which object stores make visible all at once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+__all__ = [
+    "download_dir",
+    "exists",
+    "filesystem_and_path",
+    "is_local",
+    "join",
+    "publish_dir",
+    "read_json",
+    "resolve_uri",
+    "stat_fingerprint",
+    "write_json",
+]
+
+
+def is_local(uri: str) -> bool:
+    """True for plain paths and file:// URIs."""
+    return "://" not in uri or uri.startswith("file://")
+
+
+def resolve_uri(uri: str) -> str:
+    """Absolute form of a location: local paths become absolute paths, URIs stay as they are."""
+    if uri.startswith("file://"):
+        return uri[len("file://") :] or "/"
+    if "://" in uri:
+        return uri.rstrip("/")
+    return str(Path(uri).expanduser().resolve())
+
+
+def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path inside it for a local path or URI."""
+    if is_local(uri):
+        return pafs.LocalFileSystem(), resolve_uri(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a path or URI."""
+    base = resolve_uri(uri) if is_local(uri) else uri.rstrip("/")
+    return "/".join([base, *[p.strip("/") for p in parts]])
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem_and_path(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def stat_fingerprint(uri: str) -> dict[str, Any]:
+    """Size and modification time of a file (to key caches); empty when it does not exist."""
+    fs, path = filesystem_and_path(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return {}
+    return {"size": info.size, "mtime_ns": info.mtime_ns}
+
+
+def write_json(uri: str, obj: Any) -> None:
+    """Write ``obj`` as JSON, atomically (temp file, then rename on local disks)."""
+    data = json.dumps(obj, indent=2, sort_keys=False, default=str).encode()
+    fs, path = filesystem_and_path(uri)
+    if is_local(uri):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as out:  # one PUT: visible all at once
+        out.write(data)
+
+
+def read_json(uri: str) -> Any:
+    fs, path = filesystem_and_path(uri)
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def publish_dir(local_dir: str, uri: str) -> str:
+    """Copy a local directory to ``uri`` so that readers never see a partial copy.
+
+    Local: copied next to the destination under a temporary name, then swapped in by rename.
+    Remote: uploaded under a temporary prefix, then copied to its name.
+
+    Returns:
+        The resolved destination.
+    """
+    dest = resolve_uri(uri) if is_local(uri) else uri.rstrip("/")
+    if is_local(uri):
+        parent = os.path.dirname(dest)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".tmp-{os.path.basename(dest)}-{uuid.uuid4().hex[:8]}")
+        shutil.copytree(local_dir, tmp)
+        old = None
+        if os.path.exists(dest):
+            old = os.path.join(parent, f".old-{os.path.basename(dest)}-{uuid.uuid4().hex[:8]}")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        return dest
+    fs, path = filesystem_and_path(dest)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    pafs.copy_files(local_dir, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    try:
+        fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass
+    pafs.copy_files(tmp, path, source_filesystem=fs, destination_filesystem=fs)
+    fs.delete_dir(tmp)
+    return dest
+
+
+def download_dir(uri: str, local_dir: str | None = None) -> str:
+    """A local directory with the contents of ``uri``: the path itself when it is local.
+
+    Remote directories are downloaded once into ``local_dir`` (default: a node-local cache keyed
+    by the URI) and renamed into place when complete, so concurrent workers on one node share it.
+    """
+    if is_local(uri):
+        return resolve_uri(uri)
+    if local_dir is None:
+        key = uuid.uuid5(uuid.NAMESPACE_URL, uri).hex[:16]
+        local_dir = os.path.join(tempfile.gettempdir(), "ce_ray_cache", key)
+    if os.path.isdir(local_dir):
+        return local_dir
+    os.makedirs(os.path.dirname(local_dir), exist_ok=True)
+    tmp = f"{local_dir}.tmp-{uuid.uuid4().hex[:8]}"
+    fs, path = filesystem_and_path(uri)
+    pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    try:
+        os.replace(tmp, local_dir)
+    except OSError:  # another worker on this node finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local_dir

@@ -1,0 +1,429 @@
+"""Distributed CrossEncoder training: one ``CrossEncoderTrainer`` per Ray Train worker, real DDP.
+
+Run it::
+
+    ce-ray train jobs/nli_train.yaml
+    ce-ray train jobs/rerank_train.yaml --set scaling.num_workers=4 --set scaling.use_gpu=true
+
+Features, with the key that controls each:
+
+- DDP on CPU (gloo) or GPU (NCCL) over ``scaling.num_workers`` workers. Each worker trains on its
+  own shard (HF's distributed sampler over the memory-mapped prepared rows); the global batch
+  ``train.batch_size`` is split evenly, so a 2-worker run takes half the steps per worker.
+- Evaluation with the task's sentence-transformers evaluator before training, every
+  ``run.checkpoint_every`` steps and at the end. The evaluator runs on rank 0; other ranks only
+  lend their forward passes (sentence-transformers' distributed evaluation), and rank 0's metrics
+  are what Ray Train and Tune see.
+- Checkpoints (model, optimizer, scheduler, trainer state) at every evaluation, uploaded by rank 0
+  to ``<run.output_dir>/<run.name>/``; the ``run.keep_checkpoints`` best by the eval metric are kept,
+  plus the latest. With ``run.max_failures`` a failed worker group restarts from the latest
+  checkpoint; re-running the same ``run.name`` resumes.
+- Mixed precision (``train.precision``), TF32 on GPU.
+- Outputs: ``<output_dir>/final/`` (a plain CrossEncoder directory), ``<output_dir>/summary.json``
+  and per-worker statistics in ``<output_dir>/workers/``.
+
+Two traps this module handles: ``CrossEncoderTrainingArguments`` on CPU stays NOT_PARALLEL unless
+``use_cpu=True`` (each worker would silently train on everything), and HF's default
+``ddp_find_unused_parameters=True`` breaks DDP for CrossEncoders (it cannot see the tensors in
+the model's output and marks every parameter unused, then "ready twice").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+from transformers import TrainerCallback
+
+from ce_ray import storage
+from ce_ray.config import JobConfig, job_from_dict
+from ce_ray.modeling import export_model, load_cross_encoder
+from ce_ray.prepare import PreparedData, load_prepared, prepare_data
+from ce_ray.runtime import ensure_ray
+from ce_ray.tasks import TASKS
+
+__all__ = ["TrainOutcome", "make_trainer", "run_training", "train_loop_per_worker", "training_arguments"]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = RayTrainReportCallback.CHECKPOINT_NAME  # "checkpoint"
+
+
+# --------------------------------------------------------------------------------------------
+# worker side
+# --------------------------------------------------------------------------------------------
+def training_arguments(job: JobConfig, world_size: int, output_dir: str, resuming: bool):
+    """``CrossEncoderTrainingArguments`` for one worker of a ``world_size``-worker run."""
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
+
+    t, run = job.train, job.run
+    in_batch = job.loss.name == "MultipleNegativesRankingLoss"
+    return CrossEncoderTrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=t.batch_size // world_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler,
+        seed=t.seed,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        tf32=True if job.scaling.use_gpu and _supports_tf32() else None,
+        # Without use_cpu the args stay NOT_PARALLEL on CPU and every worker trains on all rows.
+        use_cpu=not job.scaling.use_gpu,
+        ddp_find_unused_parameters=False,
+        dataloader_drop_last=world_size > 1,
+        dataloader_num_workers=0 if run.log_row_ids else t.dataloader_workers,
+        dataloader_pin_memory=job.scaling.use_gpu,
+        eval_strategy="steps",
+        eval_steps=run.checkpoint_every,
+        eval_on_start=not resuming,
+        save_strategy="steps",
+        save_steps=run.checkpoint_every,
+        save_total_limit=1,  # local copies only; Ray keeps the uploaded ones
+        logging_steps=max(1, min(run.checkpoint_every, 50)),
+        report_to="none",
+        disable_tqdm=True,
+        # In-batch negatives must not be duplicates of the positive.
+        batch_sampler=BatchSamplers.NO_DUPLICATES if in_batch else BatchSamplers.BATCH_SAMPLER,
+    )
+
+
+def _supports_tf32() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def _eval_entries(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry for entry in log_history if any(k.startswith("eval_") for k in entry)]
+
+
+class _Reporter(RayTrainReportCallback):
+    """Reports to Ray Train at every save: eval metrics (rank 0's) and rank 0's checkpoint.
+
+    Like :class:`RayTrainReportCallback`, but only rank 0 uploads (the others report ``None``), so
+    workers sharing a node never copy a checkpoint another rank is still writing, and the metrics
+    add ``baseline_*`` (the evaluation before training) and progress counters.
+    """
+
+    def __init__(self, rank: int, world_size: int):
+        super().__init__()
+        self.rank = rank
+        self.world_size = world_size
+
+    def on_save(self, args, state, control, **kwargs):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        metrics: dict[str, Any] = {}
+        for entry in state.log_history:
+            metrics.update(entry)
+        evals = _eval_entries(state.log_history)
+        if evals:
+            metrics.update({f"baseline_{k[5:]}": v for k, v in evals[0].items() if k.startswith("eval_")})
+        metrics.update(step=state.global_step, epoch=state.epoch, world_size=self.world_size)
+        with tempfile.TemporaryDirectory(prefix="ce_ray_ckpt_") as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                source = get_last_checkpoint(args.output_dir)
+                if source is not None:
+                    shutil.copytree(source, os.path.join(tmp, CHECKPOINT_SUBDIR))
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics=metrics, checkpoint=checkpoint)
+
+
+class _RowCounter:
+    """Wraps the data collator: counts the rows this worker trains on (and fingerprints them if asked)."""
+
+    def __init__(self, collate, record_ids: bool):
+        self.collate = collate
+        self.record_ids = record_ids
+        self.rows = 0
+        self.ids: list[str] = []
+
+    def __call__(self, features):
+        self.rows += len(features)
+        if self.record_ids:
+            for row in features:
+                text = "\x1f".join(str(v) for k, v in row.items() if k not in ("label", "labels", "score"))
+                self.ids.append(hashlib.blake2b(text.encode(), digest_size=8).hexdigest())
+        return self.collate(features)
+
+    def __getattr__(self, name: str):  # valid_label_columns, tokenizer... of the wrapped collator
+        return getattr(self.collate, name)
+
+
+class _Timer(TrainerCallback):
+    """Wall time of the training steps alone (evaluation and checkpointing excluded)."""
+
+    def __init__(self):
+        self.step_seconds = 0.0
+        self._start: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._start is not None:
+            self.step_seconds += time.perf_counter() - self._start
+            self._start = None
+
+
+def _param_checksum(model) -> str:
+    """SHA-256 over all parameters (to show DDP ranks end with identical weights)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs. ``config``: ``job`` (dict), ``data`` (PreparedData dict), ``stats_dir``."""
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer
+
+    from ce_ray.losses import build_loss
+
+    # [1] Rebuild the job and find this worker's place in the group.
+    job = job_from_dict(config["job"])
+    prepared = PreparedData.from_dict(config["data"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    task = TASKS[job.task]
+
+    # [2] Model: loaded on CPU; the trainer moves it to this worker's device.
+    model = load_cross_encoder(job.model, device="cpu")
+
+    # [3] Data: memory-mapped Arrow files; HF's distributed sampler hands this rank its shard.
+    train_dataset = load_prepared(prepared.train.uri)
+    eval_rows = load_prepared(prepared.eval.uri).data.table
+
+    # [4] Loss (shaped for the rows) and evaluator (run by rank 0, others lend forward passes).
+    loss = build_loss(job, model, train_dataset.data.table)
+    evaluator = task.evaluator(eval_rows, job.train.eval_batch_size)
+
+    # [5] Arguments: per-worker batch = global batch / world size; resume from Ray's latest checkpoint.
+    checkpoint = ray.train.get_checkpoint()
+    local_dir = tempfile.mkdtemp(prefix=f"ce_ray_rank{rank}_")  # per rank: no two ranks share a dir
+    args = training_arguments(job, world_size, local_dir, resuming=checkpoint is not None)
+
+    # [6] Trainer, wired to Ray Train.
+    timer = _Timer()
+    trainer = CrossEncoderTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        loss=loss,
+        evaluator=evaluator,
+        callbacks=[_Reporter(rank, world_size), timer],
+    )
+    trainer = prepare_trainer(trainer)
+    counter = _RowCounter(trainer.data_collator, job.run.log_row_ids)
+    trainer.data_collator = counter
+
+    # [7] Train (the evaluation at step 0 is the baseline; a resumed run already has it).
+    started = time.time()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            output = trainer.train(resume_from_checkpoint=os.path.join(ckpt_dir, CHECKPOINT_SUBDIR))
+    else:
+        output = trainer.train()
+
+    # [8] Per-worker statistics, read by the driver for summary.json.
+    steps_this_attempt = trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)
+    stats = {
+        "rank": rank,
+        "world_size": world_size,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "global_step": trainer.state.global_step,
+        "steps_this_attempt": steps_this_attempt,
+        "resumed": checkpoint is not None,
+        "per_device_batch_size": args.per_device_train_batch_size,
+        "rows_seen": counter.rows,
+        "train_runtime_s": output.metrics.get("train_runtime"),
+        "step_seconds": timer.step_seconds,
+        "samples_per_second": counter.rows / timer.step_seconds if timer.step_seconds else None,
+        "param_checksum": _param_checksum(trainer.model),
+        "wall_s": time.time() - started,
+    }
+    if job.run.log_row_ids:
+        stats["row_ids"] = counter.ids
+    storage.write_json(storage.join(config["stats_dir"], f"rank{rank}.json"), stats)
+    shutil.rmtree(local_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# driver side
+# --------------------------------------------------------------------------------------------
+def make_trainer(
+    job: JobConfig,
+    prepared: PreparedData,
+    *,
+    name: str,
+    storage_path: str,
+    stats_dir: str,
+    callbacks: list | None = None,
+):
+    """The ``TorchTrainer`` for one run (used by :func:`run_training` and by each tune trial)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = job.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    task = TASKS[job.task]
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job.to_dict(), "data": prepared.to_dict(), "stats_dir": stats_dir},
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=job.run.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=job.run.keep_checkpoints,
+                checkpoint_score_attribute=task.tune_metric,
+                checkpoint_score_order=task.mode,
+            ),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+@dataclass
+class TrainOutcome:
+    """What :func:`run_training` returns: the summary written to ``summary.json`` and where things are."""
+
+    summary: dict[str, Any]
+    final_dir: str
+    summary_path: str
+    result: Any  # ray.train.Result
+
+
+def export_checkpoint(checkpoint, dest_uri: str) -> str:
+    """Publish the model inside a Ray checkpoint as a plain CrossEncoder directory at ``dest_uri``."""
+    with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="ce_ray_export_") as tmp:
+        model_dir = os.path.join(ckpt_dir, CHECKPOINT_SUBDIR)
+        export_model(model_dir if os.path.isdir(model_dir) else ckpt_dir, os.path.join(tmp, "model"))
+        return storage.publish_dir(os.path.join(tmp, "model"), dest_uri)
+
+
+def read_worker_stats(stats_dir: str, world_size: int) -> list[dict[str, Any]]:
+    """The ``rank<N>.json`` files the workers wrote (those that exist)."""
+    stats = []
+    for rank in range(world_size):
+        uri = storage.join(stats_dir, f"rank{rank}.json")
+        if storage.exists(uri):
+            stats.append(storage.read_json(uri))
+    return stats
+
+
+_TIMING_KEYS = ("runtime", "samples_per_second", "steps_per_second")
+
+
+def _metrics_with_prefix(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    """Evaluator metrics under ``prefix`` (``eval_``/``baseline_``), prefix removed, timings left out."""
+    return {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix) and k[len(prefix) :] not in _TIMING_KEYS}
+
+
+def summarize(job: JobConfig, result, prepared: PreparedData, workers: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    """The ``summary.json`` of a run: task, loss, hyperparameters, metrics before/after, throughput."""
+    metrics = dict(result.metrics or {})
+    task = TASKS[job.task]
+    before = _metrics_with_prefix(metrics, "baseline_")
+    after = _metrics_with_prefix(metrics, "eval_")
+    step_seconds = max((w.get("step_seconds") or 0.0) for w in workers) if workers else None
+    rows = sum(w.get("rows_seen", 0) for w in workers)
+    best = None
+    if getattr(result, "best_checkpoints", None):
+        ckpt, best_metrics = max(
+            result.best_checkpoints,
+            key=lambda cm: (cm[1].get(task.tune_metric, float("-inf")) * (1 if task.mode == "max" else -1)),
+        )
+        best = {"path": ckpt.path, "step": best_metrics.get("step"), task.tune_metric: best_metrics.get(task.tune_metric)}
+    return {
+        "task": job.task,
+        "model": job.model.name,
+        "loss": job.loss.label(),
+        "hyperparameters": {
+            "learning_rate": job.train.learning_rate,
+            "batch_size": job.train.batch_size,
+            "per_worker_batch_size": job.train.batch_size // job.scaling.num_workers,
+            "epochs": job.train.epochs,
+            "max_steps": job.train.max_steps,
+            "warmup_ratio": job.train.warmup_ratio,
+            "weight_decay": job.train.weight_decay,
+            "precision": job.train.precision,
+            "seed": job.train.seed,
+        },
+        "primary_metric": task.primary_metric,
+        "metrics_before": before,
+        "metrics_after": after,
+        "improvement": (after.get(task.primary_metric, float("nan")) - before.get(task.primary_metric, float("nan")))
+        if before and after
+        else None,
+        "world_size": job.scaling.num_workers,
+        "use_gpu": job.scaling.use_gpu,
+        "steps_per_worker": [w.get("global_step") for w in workers],
+        "rows_per_worker": [w.get("rows_seen") for w in workers],
+        "nodes": sorted({w.get("node_id") for w in workers if w.get("node_id")}),
+        "train_rows": prepared.train.rows,
+        "eval_rows": prepared.eval.rows,
+        "dropped_rows": {"train": prepared.train.dropped, "eval": prepared.eval.dropped},
+        "train_samples_per_second": rows / step_seconds if step_seconds else None,
+        "train_step_seconds": step_seconds,
+        "wall_time_s": wall_s,
+        "best_checkpoint": best,
+        "checkpoint_dir": storage.join(job.run.output_dir, job.run.name),
+        "run_name": job.run.name,
+    }
+
+
+def run_training(job: JobConfig) -> TrainOutcome:
+    """Train one job end to end: prepare data, fit on Ray, publish ``final/`` and ``summary.json``.
+
+    Raises:
+        ConfigError / DataError: before Ray starts, for a bad config or bad rows.
+        ray.train.TrainingFailedError: when training fails beyond ``run.max_failures`` restarts.
+    """
+    started = time.time()
+    job.require_data("train", "eval")
+    out = storage.resolve_uri(job.run.output_dir)
+    job = job.model_copy(deep=True)
+    job.run.output_dir = out
+
+    # [1] Data: checked, shaped and saved before any cluster work.
+    prepared = prepare_data(job)
+
+    # [2] Fit on Ray.
+    ensure_ray()
+    stats_dir = storage.join(out, "workers")
+    trainer = make_trainer(job, prepared, name=job.run.name, storage_path=out, stats_dir=stats_dir)
+    result = trainer.fit()
+
+    # [3] Publish the final model and the summary (both atomically).
+    final_dir = export_checkpoint(result.checkpoint, storage.join(out, "final"))
+    workers = read_worker_stats(stats_dir, job.scaling.num_workers)
+    summary = summarize(job, result, prepared, workers, time.time() - started)
+    summary["final_model"] = final_dir
+    summary_path = storage.join(out, "summary.json")
+    storage.write_json(summary_path, summary)
+    return TrainOutcome(summary=summary, final_dir=final_dir, summary_path=summary_path, result=result)
