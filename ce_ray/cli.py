@@ -1,0 +1,243 @@
+"""The ``ce-ray`` command: each subcommand parses its arguments, loads the job and calls one function.
+
+Examples::
+
+    ce-ray train jobs/nli_train.yaml
+    ce-ray train jobs/rerank_train.yaml --set scaling.num_workers=4 --set scaling.use_gpu=true
+    ce-ray tune jobs/rerank_tune.yaml --set tune.num_samples=32
+    ce-ray evaluate --model runs/nli/final --task nli --data some/test.parquet
+    ce-ray predict --model runs/nli/final "A man is eating pizza" "A man eats something"
+    ce-ray rank --model runs/rerank/final --query "How many people live in Berlin?" doc1 doc2
+    ce-ray serve --model runs/rerank-tune/best
+    ce-ray validate jobs/nli_train.yaml        # check a job without running it
+    ce-ray demo                                # offline end-to-end demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from ce_ray.config import ConfigError, JobConfig, describe_keys, load_job
+
+__all__ = ["main"]
+
+EPILOG = __doc__.split("Examples::", 1)[1]
+
+
+def _add_job_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("job", nargs=None if required else "?", help="job YAML file (see jobs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted key, e.g. --set train.learning_rate=2e-5 (repeatable)",
+    )
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ce_ray.train import run_training
+
+    job = load_job(args.job, args.overrides)
+    outcome = run_training(job)
+    s = outcome.summary
+    print(_train_report(s))
+    print(f"final model: {outcome.final_dir}\nsummary:     {outcome.summary_path}")
+    return 0
+
+
+def _train_report(s: dict) -> str:
+    metric = s["primary_metric"]
+    before, after = s["metrics_before"].get(metric), s["metrics_after"].get(metric)
+    lines = [
+        f"task {s['task']}  loss {s['loss']}  world size {s['world_size']}  steps/worker {s['steps_per_worker']}",
+        f"{metric}: {before:.4f} -> {after:.4f}" if before is not None and after is not None else f"{metric}: {after}",
+    ]
+    if s.get("train_samples_per_second"):
+        lines.append(f"train samples/s {s['train_samples_per_second']:.1f}  wall {s['wall_time_s']:.0f}s")
+    return "\n".join(lines)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from ce_ray.tune import run_tuning
+
+    job = load_job(args.job, args.overrides)
+    outcome = run_tuning(job)
+    _print_json(outcome.best)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    if args.keys:
+        for key, default, description in describe_keys():
+            print(f"{key:38} {default:28} {description}")
+        return 0
+    if not args.job:
+        raise ConfigError("validate: give a job file (or --keys to list every key)")
+    job = load_job(args.job, args.overrides)
+    if args.data:
+        from ce_ray.data import load_split
+
+        for split in ("train", "eval", "test"):
+            if getattr(job.data, split) is not None:
+                rows = load_split(job, split)
+                print(f"data.{split}: {rows.num_rows} valid rows ({rows.layout}), {rows.dropped} dropped")
+    print(f"{args.job}: valid")
+    if args.show:
+        _print_json(job.to_dict())
+    return 0
+
+
+def _job_for_model(task: str | None, model: str, overrides: Sequence[str]) -> JobConfig:
+    from ce_ray.modeling import read_task
+
+    task = task or read_task(model)
+    if task is None:
+        raise ConfigError("--task: cannot tell the task from the model (give --task nli or --task rerank)")
+    return load_job(None, [f"task={task}", *overrides])
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ce_ray.config import DataSource
+    from ce_ray.data import check_rows, read_source
+    from ce_ray.modeling import load_for_inference
+    from ce_ray.tasks import TASKS
+
+    job = _job_for_model(args.task, args.model, args.overrides)
+    source = DataSource.model_validate(args.data if not args.columns else {"path": args.data, "columns": json.loads(args.columns)})
+    job.data.test = source
+    rows = check_rows(read_source(source, "--data"), job, "test", "--data")
+    model = load_for_inference(args.model)
+    metrics = TASKS[job.task].evaluate(model, rows.table, batch_size=job.train.eval_batch_size)
+    _print_json({"model": args.model, "task": job.task, "rows": rows.num_rows, "dropped": rows.dropped, **metrics})
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from ce_ray.modeling import load_for_inference, predict_pairs
+
+    if len(args.texts) % 2:
+        raise ConfigError("predict: give texts in pairs: A1 B1 [A2 B2 ...]")
+    pairs = list(zip(args.texts[::2], args.texts[1::2]))
+    model = load_for_inference(args.model)
+    _print_json(predict_pairs(model, pairs))
+    return 0
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    from ce_ray.modeling import load_for_inference
+
+    if not args.documents:
+        raise ConfigError("rank: give at least one document after --query")
+    model = load_for_inference(args.model)
+    ranked = model.rank(args.query, args.documents, top_k=args.top_n, return_documents=True)
+    _print_json([{"index": r["corpus_id"], "score": float(r["score"]), "document": r["text"]} for r in ranked])
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ce_ray.serve import serve_forever
+
+    overrides = list(args.overrides)
+    for key in ("model", "host", "port", "api_key"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides.append(f"serve.{key}={value}")
+    job = load_job(args.job, overrides, base=None if args.job else {"task": "rerank"})
+    serve_forever(job.serve)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ce_ray.demo import run_demo
+
+    run_demo(args.output_dir, quick=args.quick, serve=not args.no_serve, tune=not args.no_tune)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ce-ray",
+        description="Fine-tune, tune and serve sentence-transformers CrossEncoders on Ray.",
+        epilog="examples:" + EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    _add_job_args(add("train", _cmd_train, "train one job on Ray Train (DDP over scaling.num_workers)"))
+    _add_job_args(add("tune", _cmd_tune, "search hyperparameters with Ray Tune; writes best/, best.json, trials.csv"))
+
+    p = add("validate", _cmd_validate, "check a job file (and with --data its rows) without running it")
+    _add_job_args(p, required=False)
+    p.add_argument("--data", action="store_true", help="also read and check the data rows")
+    p.add_argument("--show", action="store_true", help="print the full job with defaults filled in")
+    p.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
+
+    p = add("evaluate", _cmd_evaluate, "score a model on a labelled file with the task's evaluator")
+    p.add_argument("--model", required=True, help="CrossEncoder directory or hub id")
+    p.add_argument("--task", choices=["nli", "rerank"], help="default: read from the model's ce-ray metadata")
+    p.add_argument("--data", required=True, help="Parquet/JSONL/CSV file (nli: premise, hypothesis, label; rerank: query, positive, negative)")
+    p.add_argument("--columns", help='column mapping as JSON, e.g. \'{"query": "question"}\'')
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = add("predict", _cmd_predict, "classify text pairs (NLI / classification models)")
+    p.add_argument("--model", required=True)
+    p.add_argument("texts", nargs="+", help="A1 B1 [A2 B2 ...]")
+
+    p = add("rank", _cmd_rank, "rank documents for a query (reranker models)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--query", required=True)
+    p.add_argument("--top-n", type=int, default=None)
+    p.add_argument("documents", nargs="*")
+
+    p = add("serve", _cmd_serve, "serve a model over HTTP with Ray Serve (POST /rerank, /predict)")
+    _add_job_args(p, required=False)
+    p.add_argument("--model", help="model directory, or a train/tune output_dir (uses best/ or final/)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--api-key", help="require this bearer token (prefer env CE_RAY_API_KEY)")
+
+    p = add("demo", _cmd_demo, "offline end-to-end demo: train NLI + reranker, tune, serve (bundled MiniLM)")
+    p.add_argument("--output-dir", default="demo_runs", help="where the demo writes data and runs")
+    p.add_argument("--quick", action="store_true", help="smaller demo (fewer steps and trials)")
+    p.add_argument("--no-tune", action="store_true", help="skip the hyperparameter search")
+    p.add_argument("--no-serve", action="store_true", help="skip serving")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except ConfigError as exc:  # includes DataError: a clear message, no traceback
+        print("error: " + "\n       ".join(exc.errors), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
