@@ -172,7 +172,10 @@ class NegativesConfig(_Section):
         "bundled:all-MiniLM-L6-v2",
         description="Bi-encoder (SentenceTransformer) used to find candidates; hub id, local dir or bundled:.",
     )
-    num: int = Field(5, ge=1, le=100, description="Negatives per query (BCE pos_weight defaults to this).")
+    num: int = Field(5, ge=1, le=100, description="Negatives per query for training (BCE pos_weight defaults to this).")
+    eval_num: int = Field(
+        30, ge=1, le=200, description="Negatives per query mined for rerank eval/test rows that come without negatives."
+    )
     range_min: int = Field(0, ge=0, description="Skip the top range_min candidates (they may be unlabeled positives).")
     range_max: int = Field(100, ge=1, description="Only consider the top range_max candidates.")
     max_score: float | None = Field(0.8, description="Drop candidates more similar than this (likely positives).")

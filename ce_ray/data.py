@@ -181,11 +181,11 @@ def _layout(task: str, split: str, columns: list[str], key: str) -> str:
             )
         return "nli"
     if split != "train":
-        need = ["query", "positive", "negative"]
+        need = ["query", "positive"]
         if not set(need) <= cols:
             raise DataError(
-                f"{key}: rerank {split} rows need columns {need} (positive/negative: text or list of texts); "
-                f"found {columns}. Map yours with {key}.columns"
+                f"{key}: rerank {split} rows need columns query, positive[, negative] (positive/negative: text or "
+                f"list of texts; without negatives they are mined); found {columns}. Map yours with {key}.columns"
             )
         return "eval"
     if {"query", "passage"} <= cols and ({"label", "score"} & cols):
@@ -289,7 +289,7 @@ def check_rows(
             if why is None and not positives:
                 why = "no positive (a query needs at least one relevant text)"
             if why is None:
-                negatives, p = _text_list(row["negative"])
+                negatives, p = _text_list(row.get("negative"))
                 why = p and f"negative: {p}"
             if why:
                 bad(i, why)

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUNDLED_PREFIX",
+    "check_model",
     "export_model",
     "is_model_dir",
     "load_cross_encoder",
@@ -42,7 +43,7 @@ def resolve_model_name(name: str) -> str:
     if key not in _BUNDLED:
         raise ValueError(f"model.name: unknown bundled model {name!r}; known: {', '.join('bundled:' + k for k in _BUNDLED)}")
     module = __import__(_BUNDLED[key])
-    return module.get_model_path()
+    return str(module.get_model_path())
 
 
 def load_cross_encoder(cfg: ModelConfig, task: str, device: str | None = None) -> CrossEncoder:
@@ -59,12 +60,39 @@ def load_cross_encoder(cfg: ModelConfig, task: str, device: str | None = None) -
         max_length=cfg.max_length,
         revision=cfg.revision,
         device=device,
+        # a head of another size (e.g. an NLI model fine-tuned as a reranker) is replaced, not an error
+        model_kwargs={"ignore_mismatched_sizes": True},
     )
     if cfg.labels:
         model.config.id2label = dict(enumerate(cfg.labels))
         model.config.label2id = {label: i for i, label in enumerate(cfg.labels)}
     model.config.ce_ray_task = task
     return model
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """Fail fast, before any cluster work, when ``model.name`` cannot be found or ``max_length`` exceeds it.
+
+    Reads only the model's config (and, offline, the local cache).
+
+    Raises:
+        ConfigError: naming ``model.name`` or ``model.max_length``.
+    """
+    from transformers import AutoConfig
+
+    from ce_ray.config import ConfigError
+
+    name = resolve_model_name(cfg.name)
+    try:
+        config = AutoConfig.from_pretrained(name, revision=cfg.revision)
+    except (OSError, ValueError) as exc:
+        offline = " (offline: HF_HUB_OFFLINE=1 needs it in the local Hugging Face cache)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ConfigError(f"model.name: cannot load {cfg.name!r}{offline}: {str(exc).splitlines()[0]}") from None
+    limit = getattr(config, "max_position_embeddings", None)
+    if cfg.max_length and limit and cfg.max_length > limit:
+        raise ConfigError(
+            f"model.max_length: {cfg.max_length} is more than {cfg.name} supports ({limit} positions); use <= {limit}"
+        )
 
 
 def resolve_model_dir(path: str) -> str:

@@ -96,6 +96,29 @@ def mined_groups(job: JobConfig, rows: CheckedRows, groups: RerankGroups, device
     return mined
 
 
+def _with_eval_negatives(job: JobConfig, table: pa.Table, device: str | None = None) -> pa.Table:
+    """Rerank eval rows that lack negatives get ``data.negatives.eval_num`` mined ones (as the notebook does)."""
+    cols = table.to_pydict()
+    if all(cols["negative"]):
+        return table
+    groups = RerankGroups(
+        cols["query"],
+        [list(p) + list(n) for p, n in zip(cols["positive"], cols["negative"])],
+        [[1.0] * len(p) + [0.0] * len(n) for p, n in zip(cols["positive"], cols["negative"])],
+        "binary",
+    )
+    cfg = job.data.negatives.model_copy(update={"num": job.data.negatives.eval_num})
+    mined = mine_negatives(groups, cfg, device=device)
+    return pa.table(
+        {
+            "query": mined.queries,
+            "positive": [[d for d, lab in zip(ds, labs) if lab > 0] for ds, labs in zip(mined.docs, mined.labels)],
+            "negative": [[d for d, lab in zip(ds, labs) if lab <= 0] for ds, labs in zip(mined.docs, mined.labels)],
+        },
+        schema=table.schema,
+    )
+
+
 def prepare_split(job: JobConfig, split: str, device: str | None = None) -> PreparedSplit:
     """Check (and for ``train``, shape and maybe mine) one split and save it; reuse a cached copy.
 
@@ -105,6 +128,8 @@ def prepare_split(job: JobConfig, split: str, device: str | None = None) -> Prep
     rows_key = _rows_key(job, split)
     if split == "train":
         rows_key |= {"loss": LOSSES[job.loss.name].shape, "negatives": job.data.negatives.model_dump(mode="json")}
+    elif job.task == "rerank":  # eval rows may get mined negatives
+        rows_key |= {"negatives": job.data.negatives.model_dump(mode="json")}
     uri = storage.join(cache_root(job), f"{split}-{fingerprint(rows_key, 'v1')}")
     meta_uri = storage.join(uri, "ce_ray_split.json")
     if storage.exists(meta_uri):
@@ -113,6 +138,8 @@ def prepare_split(job: JobConfig, split: str, device: str | None = None) -> Prep
         return PreparedSplit(**cached)
     rows = load_split(job, split)
     table = rows.table
+    if split != "train" and job.task == "rerank":
+        table = _with_eval_negatives(job, table, device=device)
     if split == "train":
         groups = None
         if job.task == "rerank":

@@ -47,7 +47,7 @@ from transformers import TrainerCallback
 
 from ce_ray import storage
 from ce_ray.config import JobConfig, job_from_dict
-from ce_ray.modeling import export_model, load_cross_encoder
+from ce_ray.modeling import check_model, export_model, load_cross_encoder
 from ce_ray.prepare import PreparedData, load_prepared, prepare_data
 from ce_ray.runtime import ensure_ray
 from ce_ray.tasks import TASKS
@@ -410,7 +410,8 @@ def run_training(job: JobConfig) -> TrainOutcome:
     job = job.model_copy(deep=True)
     job.run.output_dir = out
 
-    # [1] Data: checked, shaped and saved before any cluster work.
+    # [1] Model config and data: checked, shaped and saved before any cluster work.
+    check_model(job.model)
     prepared = prepare_data(job)
 
     # [2] Fit on Ray.
