@@ -180,134 +180,146 @@ SUBJECTS: tuple[Subject, ...] = (
 
 # Unverifiable states of the subject itself ("The woman is on holiday."): neutral for any premise.
 SUBJECT_STATES: dict[tuple[str, bool], tuple[str, ...]] = {
-    ("adult", False): ("on holiday", "waiting for a friend", "wearing a blue jacket", "in a good mood"),
-    ("adult", True): ("on holiday", "waiting for a friend", "old friends", "in a good mood"),
-    ("child", False): ("waiting for {pos} mother", "wearing a yellow raincoat", "on a school trip", "in a good mood"),
-    ("child", True): ("waiting for their parents", "on a school trip", "best friends", "in a good mood"),
-    ("dog", False): ("wearing a red collar", "three years old", "very hungry", "waiting for its owner"),
-    ("dog", True): ("wearing red collars", "very hungry", "waiting for their owner"),
+    ("adult", False): ("on holiday", "on {pos} day off", "wearing a blue jacket", "in a good mood"),
+    ("adult", True): ("on holiday", "on their day off", "old friends", "in a good mood"),
+    ("child", False): ("seven years old", "wearing a yellow raincoat", "wearing a red cap", "in a good mood"),
+    ("child", True): ("cousins", "best friends", "wearing school uniforms", "in a good mood"),
+    ("dog", False): ("wearing a red collar", "three years old", "very hungry", "a family pet"),
+    ("dog", True): ("wearing red collars", "very hungry", "family pets"),
 }
 
-TIMES = ("on a Sunday morning", "late in the afternoon", "early in the morning", "on a warm day",
-         "on a Saturday afternoon")
+# Pairs of times that cannot both be true of the same moment; a premise may carry either.
+_TIME_PAIRS = (
+    ("on a Sunday morning", "on a Wednesday evening"),
+    ("late in the afternoon", "early in the morning"),
+    ("on a warm summer day", "on a freezing winter day"),
+    ("on a Saturday afternoon", "on a Monday morning"),
+    ("late at night", "around noon"),
+)
+TIMES: dict[str, str] = {**dict(_TIME_PAIRS), **{b: a for a, b in _TIME_PAIRS}}
 
 PEOPLE = ("adult", "child")
 MUSIC = ("playing an instrument", "making music", "playing music")
 
+# conflicts: keys of other actions (their text is used) or literal verb phrases; each is something the
+# subject cannot be doing at the same time. Drawing conflicts from the other actions means a bare
+# hypothesis such as "The girl is reading a book." is entailed by one premise and contradicted by others.
 ACTIONS: tuple[Action, ...] = (
     Action("violin", "playing the violin", MUSIC, PEOPLE,
            ("park", "street", "living_room", "concert_hall"),
-           ("sleeping", "swimming", "eating dinner"),
+           ("guitar", "piano", "swimming", "football", "dishes", "climbing", "letter", "sleeping"),
            ("to earn some money", "for a small crowd", "for the first time"),
            ("practising for a concert", "playing a piece by Mozart")),
     Action("guitar", "playing the guitar", MUSIC, PEOPLE,
            ("park", "beach", "living_room", "street"),
-           ("sleeping", "swimming", "riding a bicycle"),
+           ("violin", "piano", "swimming", "football", "dishes", "climbing", "letter", "painting", "sleeping"),
            ("to earn some money", "for {pos} friends", "for a small crowd"),
            ("practising for a concert", "playing a famous song")),
     Action("piano", "playing the piano", MUSIC, PEOPLE,
            ("living_room", "concert_hall", "classroom"),
-           ("sleeping", "swimming", "riding a bicycle"),
+           ("violin", "guitar", "swimming", "football", "bicycle", "climbing", "running", "sleeping"),
            ("for {pos} family", "to prepare for an exam"),
-           ("practising for an exam", "playing a piece by Chopin")),
+           ("taking a lesson", "playing a piece by Chopin")),
     Action("bicycle", "riding a bicycle", ("riding a bike", "cycling"), PEOPLE,
            ("street", "park", "river", "mountain_path"),
-           ("sleeping", "sitting on a sofa", "swimming"),
+           ("swimming", "piano", "climbing", "dishes", "painting", "letter", "sleeping", "sitting on a sofa"),
            ("to visit a friend", "for exercise"),
-           ("on {pos} way home", "training for a race")),
+           ("wearing a helmet", "training for a race")),
     Action("reading", "reading a book", ("reading", "looking at a book"), PEOPLE,
            ("library", "bench", "living_room", "train"),
-           ("sleeping", "playing football", "swimming"),
+           ("swimming", "football", "climbing", "dishes", "violin", "guitar", "painting", "sleeping"),
            ("for a school project", "to pass the time"),
            ("reading a detective story", "studying for an exam")),
     Action("cooking", "cooking dinner", ("preparing food", "making a meal", "cooking"), ("adult",),
            ("kitchen", "restaurant", "campsite"),
-           ("sleeping", "swimming", "riding a bicycle"),
+           ("swimming", "football", "climbing", "bicycle", "violin", "piano", "sleeping"),
            ("for {pos} family", "for some guests"),
-           ("making a vegetable soup", "expecting guests")),
+           ("making a vegetable soup", "following a recipe")),
     Action("football", "playing football", ("playing a sport", "playing a ball game", "playing a game"), PEOPLE,
            ("park", "beach", "field", "sports_hall"),
-           ("sleeping", "sitting at a desk", "reading a book"),
+           ("swimming", "reading", "piano", "violin", "painting", "letter", "dishes", "sleeping"),
            ("for a local team", "with {pos} friends"),
            ("winning the game", "training for a tournament")),
     Action("swimming", "swimming", ("in the water",), PEOPLE,
            ("lake", "sea", "pool"),
-           ("sitting on a sofa", "riding a bicycle", "sleeping in bed"),
+           ("bicycle", "reading", "piano", "cooking", "football", "painting", "letter", "sitting on a sofa",
+            "sleeping in bed"),
            ("to cool off", "for exercise"),
            ("training for a race", "racing a friend"), hyper_with_place=False),
     Action("painting", "painting a picture", ("making art", "painting", "creating a picture"), PEOPLE,
            ("garden", "river", "studio", "classroom"),
-           ("sleeping", "swimming", "playing football"),
+           ("swimming", "football", "violin", "guitar", "climbing", "dishes", "bicycle", "sleeping"),
            ("for an art class", "as a gift for a friend"),
            ("painting a portrait", "preparing for an exhibition")),
     Action("coffee", "drinking coffee", ("having a drink", "drinking something"), ("adult",),
            ("coffee_shop", "kitchen", "balcony", "garden"),
-           ("sleeping", "swimming", "playing the trumpet"),
+           ("swimming", "violin", "climbing", "football", "singing", "sleeping"),
            ("before work", "with a friend"),
-           ("reading the news", "talking to a friend")),
+           ("reading the news", "checking {pos} phone")),
     Action("dishes", "washing dishes", ("cleaning", "doing the dishes", "cleaning plates"), PEOPLE,
            ("kitchen", "restaurant"),
-           ("sleeping", "swimming", "riding a bicycle"),
+           ("swimming", "football", "bicycle", "climbing", "violin", "guitar", "piano", "painting", "sleeping"),
            ("after dinner", "to help {pos} family"),
            ("listening to the radio", "in a hurry")),
     Action("climbing", "climbing a rock wall", ("climbing", "exercising"), PEOPLE,
            ("gym", "mountains"),
-           ("sleeping", "sitting on a sofa", "swimming"),
+           ("swimming", "bicycle", "reading", "piano", "violin", "dishes", "cooking", "sleeping"),
            ("for the first time", "with a friend"),
            ("wearing a safety helmet", "training for a competition")),
     Action("running", "running", ("moving quickly", "exercising"), PEOPLE,
            ("beach", "park", "gym", "river"),
-           ("sitting still", "sleeping", "lying in bed"),
+           ("swimming", "piano", "climbing", "painting", "dishes", "cooking", "letter", "sleeping", "sitting still"),
            ("for exercise", "to get fit"),
            ("training for a marathon", "listening to music")),
     Action("sandwich", "eating a sandwich", ("eating", "having some food"), PEOPLE,
            ("bench", "kitchen", "coffee_shop", "beach"),
-           ("swimming", "sleeping", "singing"),
+           ("swimming", "singing", "violin", "guitar", "climbing", "sleeping"),
            ("for lunch", "after a long walk"),
-           ("very hungry", "on a lunch break")),
+           ("very hungry", "sitting in the sun")),
     Action("letter", "writing a letter", ("writing", "writing something"), PEOPLE,
            ("library", "coffee_shop", "living_room", "train"),
-           ("sleeping", "swimming", "playing football"),
+           ("swimming", "football", "bicycle", "climbing", "violin", "guitar", "running", "sleeping"),
            ("to an old friend", "to {pos} grandmother"),
-           ("using a blue pen", "writing to a friend")),
+           ("using a blue pen", "writing in French")),
     Action("photo", "taking a photograph", ("using a camera", "taking a picture"), PEOPLE,
            ("beach", "street", "museum", "park"),
-           ("sleeping", "swimming", "reading a book"),
+           ("violin", "guitar", "piano", "climbing", "dishes", "letter", "sleeping"),
            ("for a newspaper", "of a friend"),
-           ("working for a newspaper", "photographing a bird")),
+           ("using an old camera", "standing very still")),
     Action("singing", "singing a song", ("singing", "making music", "using {pos} voice"), PEOPLE,
            ("church", "park", "street", "school_hall"),
-           ("sleeping", "eating a sandwich", "swimming"),
+           ("swimming", "sandwich", "coffee", "sleeping"),
            ("for {pos} friends", "to earn some money"),
            ("practising for a concert", "singing a love song")),
     # dogs
     Action("ball", "chasing a red ball", ("chasing a ball", "playing with a ball", "running after a ball"), ("dog",),
            ("park", "beach", "garden"),
-           ("sleeping", "lying still", "eating from a bowl"),
+           ("digging", "frisbee", "sleeping", "lying still", "eating from a bowl"),
            ("thrown by a child", "thrown by {pos} owner"),
            ("barking loudly",)),
     Action("dog_swim", "swimming", ("in the water",), ("dog",),
            ("lake", "sea", "in_river"),
-           ("sleeping on a sofa", "lying on the grass", "eating from a bowl"),
+           ("digging", "frisbee", "sleeping on a sofa", "lying on the grass", "eating from a bowl"),
            ("to fetch a stick", "to cool off"),
-           ("carrying a stick",), hyper_with_place=False),
+           ("following {pos} owner",), hyper_with_place=False),
     Action("digging", "digging a hole", ("digging", "making a hole in the ground"), ("dog",),
            ("garden", "beach", "park"),
-           ("sleeping", "swimming", "lying on a sofa"),
+           ("dog_swim", "ball", "frisbee", "sleeping", "lying on a sofa"),
            ("to hide a bone", "to find a bone"),
-           ("looking for a bone",)),
+           ("barking at a cat",)),
     Action("stick", "carrying a stick", ("holding a stick", "carrying something"), ("dog",),
            ("park", "beach", "forest"),
-           ("sleeping", "eating from a bowl", "chewing a bone"),
+           ("frisbee", "sleeping", "eating from a bowl", "chewing a bone"),
            ("to give it to {pos} owner", "for a game of fetch"),
            ("walking next to {pos} owner",)),
     Action("frisbee", "jumping to catch a frisbee", ("jumping", "playing with a frisbee", "trying to catch something"),
            ("dog",),
            ("park", "beach", "garden"),
-           ("sleeping", "lying on a sofa", "swimming"),
+           ("dog_swim", "digging", "stick", "sleeping", "lying on a sofa"),
            ("thrown by {pos} owner", "for the first time"),
            ("barking with excitement",)),
 )
+ACTION_BY_KEY = {a.key: a for a in ACTIONS}
 
 
 def _sentence(text: str) -> str:
@@ -317,10 +329,14 @@ def _sentence(text: str) -> str:
 
 @dataclass
 class _Scene:
+    """One premise: subject, action, place and optionally a time or purpose; draws its hypotheses."""
+
     s: Subject
     a: Action
     p: Place
     rng: random.Random = field(repr=False)
+    time: str = ""
+    purpose: str = ""
 
     def f(self, text: str) -> str:
         return text.format(pos=self.s.pos)
@@ -330,10 +346,27 @@ class _Scene:
 
     @property
     def premise(self) -> str:
-        return _sentence(f"{self.s.text} {self.s.be} {self.f(self.a.text)} {self.p.text}")
+        detail = self.time or self.f(self.purpose)
+        return _sentence(f"{self.s.text} {self.s.be} {self.f(self.a.text)} {self.p.text} {detail}")
+
+    @property
+    def detail(self) -> str:
+        return self.time or self.f(self.purpose)
 
     def io(self, outdoor: bool) -> str:
         return self.rng.choice(IO_WORDS[outdoor])
+
+    def conflict(self, at_place: bool = False) -> str | None:
+        """Something the subject cannot be doing at the same time (optionally: that fits the place)."""
+        options = []
+        for c in self.a.conflicts:
+            other = ACTION_BY_KEY.get(c)
+            if other is None:
+                if not at_place or self.p.text not in WATER:
+                    options.append(c)
+            elif self.s.kind in other.kinds and (not at_place or any(PLACES[k] == self.p for k in other.places)):
+                options.append(other.text)
+        return self.pick(options) if options else None
 
     def opposite_place(self) -> Place | None:
         if self.p.outdoor is None:
@@ -341,38 +374,36 @@ class _Scene:
         options = [PLACES[k] for k in self.a.places if PLACES[k].outdoor is (not self.p.outdoor)]
         return self.rng.choice(options) if options else None
 
+    def action_or_hyper(self) -> str:
+        if self.a.hyper_with_place and self.rng.random() < 0.5:
+            return self.pick(self.a.hypers)
+        return self.f(self.a.text)
+
 
 # Each template returns a hypothesis or None when it does not apply to the scene.
+# --- entailment ---
 def _e_hyper(c: _Scene):
     return f"{c.pick(c.s.hypers)} {c.s.be} {c.pick(c.a.hypers)}"
+
+
+def _e_the_action(c: _Scene):
+    return f"{c.pick((c.s.the, *c.s.hypers))} {c.s.be} {c.f(c.a.text)}"
 
 
 def _e_hyper_place(c: _Scene):
     if not c.a.hyper_with_place:
         return None
-    return f"{c.pick(c.s.hypers)} {c.s.be} {c.pick(c.a.hypers)} {c.p.text}"
+    return f"{c.pick((c.s.text, *c.s.hypers))} {c.s.be} {c.pick(c.a.hypers)} {c.pick((c.p.text, c.p.the))}"
 
 
-def _e_subject_hyper_place(c: _Scene):
-    if not c.a.hyper_with_place:
-        return None
-    return f"{c.s.text} {c.s.be} {c.pick(c.a.hypers)} {c.p.text}"
-
-
-def _e_hyper_io(c: _Scene):
-    if c.p.outdoor is None or not c.a.hyper_with_place:
-        return None
-    return f"{c.pick(c.s.hypers)} {c.s.be} {c.pick(c.a.hypers)} {c.io(c.p.outdoor)}"
-
-
-def _e_subject_io(c: _Scene):
+def _e_io(c: _Scene):
     if c.p.outdoor is None:
         return None
-    return f"{c.s.text} {c.s.be} {c.f(c.a.text)} {c.io(c.p.outdoor)}"
+    return f"{c.pick((c.s.text, *c.s.hypers))} {c.s.be} {c.action_or_hyper()} {c.io(c.p.outdoor)}"
 
 
 def _e_not_conflict(c: _Scene):
-    return f"{c.s.the} {c.s.be} not {c.pick(c.a.conflicts)}"
+    return f"{c.s.the} {c.s.be} not {c.conflict()}"
 
 
 def _e_not_io(c: _Scene):
@@ -383,28 +414,32 @@ def _e_not_io(c: _Scene):
 
 def _e_there(c: _Scene):
     hyper = c.pick(c.s.hypers)
-    return f"There {c.s.be} {hyper[0].lower()}{hyper[1:]} {c.p.text}"
+    return f"There {c.s.be} {hyper[0].lower()}{hyper[1:]} {c.p.the}"
 
 
 def _e_more_than_one(c: _Scene):
     if not c.s.plural:
         return None
-    return f"More than one {c.s.one} is {c.pick(c.a.hypers)}"
+    return f"More than one {c.s.one} is {c.action_or_hyper()}"
 
 
-def _n_purpose(c: _Scene):
-    return f"{c.s.the} {c.s.be} {c.f(c.a.text)} {c.pick(c.a.purposes)}"
-
-
-def _n_hyper_purpose(c: _Scene):
-    if not c.a.hyper_with_place:
+def _e_detail(c: _Scene):
+    if not c.detail:
         return None
-    return f"{c.pick(c.s.hypers)} {c.s.be} {c.pick(c.a.hypers)} {c.pick(c.a.purposes)}"
+    return f"{c.s.the} {c.s.be} {c.action_or_hyper()} {c.detail}"
+
+
+# --- neutral ---
+def _n_purpose(c: _Scene):
+    if c.purpose:
+        return None
+    return f"{c.pick((c.s.the, *c.s.hypers))} {c.s.be} {c.action_or_hyper()} {c.pick(c.a.purposes)}"
 
 
 def _n_time(c: _Scene):
-    action = c.pick(c.a.hypers) if c.a.hyper_with_place else c.f(c.a.text)
-    return f"{c.s.the} {c.s.be} {action} {c.rng.choice(TIMES)}"
+    if c.time:
+        return None
+    return f"{c.pick((c.s.the, *c.s.hypers))} {c.s.be} {c.action_or_hyper()} {c.rng.choice(list(TIMES))}"
 
 
 def _n_state(c: _Scene):
@@ -424,34 +459,48 @@ def _n_not_state(c: _Scene):
 
 
 def _n_nobody_else(c: _Scene):
+    if c.purpose:  # "with a friend", "for a small crowd"... would make it a contradiction
+        return None
     return f"{c.s.nobody_else} {c.p.the}"
 
 
+def _n_only_one(c: _Scene):  # a single subject says nothing about whether others do the same
+    if c.s.plural or c.purpose:
+        return None
+    noun = "dog" if c.s.kind == "dog" else "person"
+    return f"Only one {noun} is {c.f(c.a.text)} {c.p.the}"
+
+
+def _n_more_than_one(c: _Scene):
+    if c.s.plural or c.purpose:
+        return None
+    noun = "dog" if c.s.kind == "dog" else "person"
+    return f"More than one {noun} is {c.action_or_hyper()}"
+
+
+# --- contradiction ---
 def _c_conflict(c: _Scene):
-    return f"{c.s.text} {c.s.be} {c.pick(c.a.conflicts)}"
+    return f"{c.pick((c.s.text, c.s.the))} {c.s.be} {c.conflict()}"
 
 
 def _c_conflict_place(c: _Scene):
-    if c.p.text in WATER:
+    conflict = c.conflict(at_place=True)
+    if conflict is None:
         return None
-    return f"{c.s.text} {c.s.be} {c.pick(c.a.conflicts)} {c.p.text}"
-
-
-def _c_the_conflict(c: _Scene):
-    return f"{c.s.the} {c.s.be} {c.pick(c.a.conflicts)}"
+    return f"{c.pick((c.s.text, c.s.the))} {c.s.be} {conflict} {c.pick((c.p.text, c.p.the))}"
 
 
 def _c_place(c: _Scene):
     other = c.opposite_place()
     if other is None:
         return None
-    return f"{c.s.text} {c.s.be} {c.f(c.a.text)} {other.text}"
+    return f"{c.pick((c.s.text, c.s.the))} {c.s.be} {c.f(c.a.text)} {other.text}"
 
 
 def _c_io(c: _Scene):
     if c.p.outdoor is None:
         return None
-    return f"{c.pick(c.s.hypers)} {c.s.be} {c.f(c.a.text)} {c.io(not c.p.outdoor)}"
+    return f"{c.pick((c.s.text, *c.s.hypers))} {c.s.be} {c.action_or_hyper()} {c.io(not c.p.outdoor)}"
 
 
 def _c_not_io(c: _Scene):
@@ -461,11 +510,11 @@ def _c_not_io(c: _Scene):
 
 
 def _c_nobody(c: _Scene):
-    return f"{c.s.nobody} is {c.pick(c.a.hypers)}"
+    return f"{c.s.nobody} is {c.action_or_hyper()}"
 
 
 def _c_not(c: _Scene):
-    return f"{c.s.the} {c.s.be} not {c.pick(c.a.hypers)}"
+    return f"{c.s.the} {c.s.be} not {c.action_or_hyper()}"
 
 
 def _c_empty(c: _Scene):
@@ -475,22 +524,30 @@ def _c_empty(c: _Scene):
 def _c_only_one(c: _Scene):
     if not c.s.plural:
         return None
-    return f"Only one {c.s.one} is {c.f(c.a.text)} {c.p.text}"
+    return f"Only one {c.s.one} is {c.f(c.a.text)} {c.p.the}"
+
+
+def _c_time(c: _Scene):
+    if not c.time:
+        return None
+    return f"{c.pick((c.s.text, c.s.the))} {c.s.be} {c.action_or_hyper()} {TIMES[c.time]}"
 
 
 TEMPLATES = {
-    ENTAILMENT: (_e_hyper, _e_hyper_place, _e_subject_hyper_place, _e_hyper_io, _e_subject_io, _e_not_conflict, _e_not_io, _e_there,
-                 _e_more_than_one),
-    NEUTRAL: (_n_purpose, _n_hyper_purpose, _n_time, _n_state, _n_subject_state, _n_not_state,
-              _n_nobody_else),
-    CONTRADICTION: (_c_conflict, _c_conflict_place, _c_the_conflict, _c_place, _c_io, _c_not_io, _c_nobody, _c_not, _c_empty,
-                    _c_only_one),
+    ENTAILMENT: (_e_hyper, _e_the_action, _e_hyper_place, _e_io, _e_not_conflict, _e_not_io, _e_there,
+                 _e_more_than_one, _e_detail),
+    NEUTRAL: (_n_purpose, _n_time, _n_state, _n_subject_state, _n_not_state, _n_nobody_else, _n_only_one,
+              _n_more_than_one),
+    CONTRADICTION: (_c_conflict, _c_conflict_place, _c_place, _c_io, _c_not_io, _c_nobody, _c_not, _c_empty,
+                    _c_only_one, _c_time),
 }
 
 
 def _hypothesis(scene: _Scene, label: int) -> str:
     templates = list(TEMPLATES[label])
     scene.rng.shuffle(templates)
+    # Details in the premise are rare, so the templates that use them go first when they apply.
+    templates.sort(key=lambda t: t not in (_e_detail, _c_time) or not scene.detail)
     for template in templates:
         text = template(scene)
         if text is not None and _sentence(text) != scene.premise:
@@ -498,48 +555,47 @@ def _hypothesis(scene: _Scene, label: int) -> str:
     raise AssertionError(f"no template applies to {scene.premise!r} for label {label}")  # pragma: no cover
 
 
-def build_nli(seed: int = SEED, n_train: int = 120, n_dev: int = 30, n_test: int = 30) -> dict[str, pd.DataFrame]:
+def build_nli(seed: int = SEED, n_train: int = 120, n_dev: int = 30, n_test: int = 30,
+              detail_rate: float = 0.3) -> dict[str, pd.DataFrame]:
     """NLI splits with one hypothesis per label for each premise (``3 * n_*`` rows each).
 
     Premises of dev and test use (subject, action) combinations that do not occur in train (nor in
-    each other), so scores measure generalisation to new scenes.
+    each other), so scores measure generalisation to new scenes. ``detail_rate`` of the premises
+    carry a time or a purpose, which hypotheses then repeat (entailment), contradict (times) or
+    leave out while adding the other kind (neutral).
     """
     rng = random.Random(seed)
     combos = [(s, a) for s in SUBJECTS for a in ACTIONS if s.kind in a.kinds]
     rng.shuffle(combos)
     if n_dev + n_test >= len(combos):
         raise ValueError(f"only {len(combos)} subject/action combinations")
-    held = {"test": combos[:n_test], "dev": combos[n_test:n_test + n_dev]}
-    train_combos = combos[n_test + n_dev:]
-    # Every combination once (random place), then more places for random combinations.
-    scenes: dict[str, list[tuple[Subject, Action, str]]] = {}
-    for split, pool, n in (("train", train_combos, n_train), ("dev", held["dev"], n_dev),
-                           ("test", held["test"], n_test)):
+    pools = {"test": combos[:n_test], "dev": combos[n_test:n_test + n_dev], "train": combos[n_test + n_dev:]}
+    out: dict[str, pd.DataFrame] = {}
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
+        # Every combination once (at a random place), then more places for the same combinations.
         chosen: list[tuple[Subject, Action, str]] = []
         seen: set[tuple[str, str, str]] = set()
-        order = list(pool)
+        order = list(pools[split])
         while len(chosen) < n:
-            progress = False
+            before = len(chosen)
             for s, a in order:
-                if len(chosen) >= n:
-                    break
                 free = [p for p in a.places if (s.key, a.key, p) not in seen]
-                if not free:
+                if len(chosen) >= n or not free:
                     continue
                 p = rng.choice(free)
                 seen.add((s.key, a.key, p))
                 chosen.append((s, a, p))
-                progress = True
-            if not progress:
+            if len(chosen) == before:
                 raise ValueError(f"not enough scenes for {n} {split} premises")
             rng.shuffle(order)
-        scenes[split] = chosen
-
-    out: dict[str, pd.DataFrame] = {}
-    for split, chosen in scenes.items():
         rows = []
         for s, a, p in chosen:
             scene = _Scene(s, a, PLACES[p], rng)
+            if rng.random() < detail_rate:
+                if rng.random() < 0.5:
+                    scene.time = rng.choice(list(TIMES))
+                else:
+                    scene.purpose = rng.choice(a.purposes)
             for label in (ENTAILMENT, NEUTRAL, CONTRADICTION):
                 rows.append({"premise": scene.premise, "hypothesis": _hypothesis(scene, label), "label": label})
         df = pd.DataFrame(rows, columns=["premise", "hypothesis", "label"])

@@ -1,0 +1,153 @@
+"""The job schema: shipped files validate, overrides work, bad configs fail with the key named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ce_ray.config import ConfigError, describe_keys, load_job
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+SHIPPED = sorted(p for p in JOBS.glob("*.yaml") if p.name not in {"serve.yaml", "runtime_env.yaml"})
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_job_validates(path):
+    job = load_job(path)
+    assert job.task in {"nli", "rerank"}
+    assert job.loss.name  # filled in
+    assert job.num_labels == (3 if job.task == "nli" else 1)
+
+
+def test_issue_keys_exist_and_override():
+    job = load_job(
+        None,
+        [
+            "task=rerank",
+            "model.name=some/model",
+            "data.train=/x/train.parquet",
+            "data.eval=/x/dev.parquet",
+            "data.test=/x/test.jsonl",
+            "train.loss=ListNetLoss",
+            "train.learning_rate=3e-5",
+            "train.batch_size=16",
+            "train.epochs=2",
+            "train.max_steps=100",
+            "train.precision=bf16",
+            "scaling.num_workers=4",
+            "scaling.use_gpu=true",
+            "scaling.cpus_per_worker=2",
+            "scaling.gpus_per_worker=0.5",
+            "run.output_dir=s3://bucket/prefix",
+            "run.name=exp-1",
+            "run.max_failures=3",
+            "run.checkpoint_every=25",
+        ],
+    )
+    assert job.data.train.path == "/x/train.parquet"  # a plain string is a local file
+    assert job.data.test.path == "/x/test.jsonl"
+    assert job.loss.name == "ListNetLoss"
+    assert job.train.learning_rate == pytest.approx(3e-5)  # YAML reads 3e-5 as text; we mean a float
+    assert (job.train.batch_size, job.train.epochs, job.train.max_steps) == (16, 2.0, 100)
+    assert job.scaling.use_gpu is True and job.scaling.gpus_per_worker == 0.5
+    assert (job.run.output_dir, job.run.name, job.run.max_failures, job.run.checkpoint_every) == (
+        "s3://bucket/prefix",
+        "exp-1",
+        3,
+        25,
+    )
+
+
+def test_hub_source_and_loss_options_from_the_command_line():
+    job = load_job(
+        None,
+        [
+            "task=rerank",
+            "data.train={hub: sentence-transformers/gooaq, split: train, select: 10, columns: {query: question, positive: answer}}",
+            "train.loss=BinaryCrossEntropyLoss",
+            "train.loss.pos_weight=3",
+        ],
+    )
+    assert job.data.train.hub == "sentence-transformers/gooaq" and job.data.train.select == 10
+    assert job.data.train.columns == {"query": "question", "positive": "answer"}
+    assert job.loss.pos_weight == 3.0
+
+
+def errors_of(overrides: list[str]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_job(None, overrides)
+    return info.value.errors
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["task=nli", "train.learnig_rate=1e-5"], "train.learnig_rate: unknown key"),
+        (["task=nli", "train.batch_size=big"], "train.batch_size: Input should be a valid integer"),
+        (["task=translate"], "task: Input should be 'nli' or 'rerank'"),
+        (["task=nli", "train.loss=ListNetLoss"], "train.loss: ListNetLoss does not fit task nli"),
+        (["task=rerank", "train.loss=CrossEntropyLoss"], "train.loss: CrossEntropyLoss does not fit task rerank"),
+        (["task=rerank", "model.num_labels=3"], "model.num_labels: a reranker scores each pair with 1 output"),
+        (["task=nli", "model.num_labels=3", "model.labels=[a, b]"], "model.labels: 2 names for 3 labels"),
+        (["task=nli", "train.batch_size=30", "scaling.num_workers=4"], "train.batch_size: 30 does not split evenly"),
+        (["task=nli", "train.precision=fp16"], "train.precision: fp16 needs a GPU"),
+        (["task=nli", "train.loss={name: CrossEntropyLoss, pos_weight: 2}"], "train.loss: option(s) pos_weight do not apply"),
+        (["task=nli", "data.train={hub: x, path: y.parquet}"], "data.train: give exactly one of 'path'"),
+        (["task=nli", "data.train=rows.txt"], "data.train: cannot tell the format"),
+        (["task=nli", "train.max_steps=-5"], "train.max_steps: Input should be greater than or equal to -1"),
+        (["task=nli", "run.name=has space"], "run.name: String should match pattern"),
+        (["task=nli", "train.learning_rate"], "expected KEY=VALUE"),
+        (["task=nli", "train.loss.class_weights=[1, 2]"], "train.loss.name: required"),
+    ],
+)
+def test_bad_configs_name_the_key(overrides, expected):
+    errors = errors_of(overrides)
+    assert any(expected in e for e in errors), errors
+    assert all("\n" not in e for e in errors)  # one line per problem
+
+
+def test_missing_and_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="job file not found"):
+        load_job(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [nli\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_job(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- task\n")
+    with pytest.raises(ConfigError, match="YAML mapping"):
+        load_job(listy)
+
+
+def test_every_key_is_documented():
+    rows = describe_keys()
+    keys = {k for k, _, _ in rows}
+    for key in ("task", "model.name", "data.train", "train.loss", "train.max_steps", "scaling.gpus_per_worker", "run.checkpoint_every", "tune.search_space", "serve.max_documents"):
+        assert key in keys
+    undocumented = [k for k, _, desc in rows if not desc]
+    assert not undocumented, undocumented
+
+
+def test_cli_rejects_a_bad_config_fast_with_one_line_and_no_ray(tmp_path):
+    """The error comes before any cluster work: no Ray session directory is created."""
+    job = tmp_path / "job.yaml"
+    job.write_text("task: rerank\ntrain: {loss: CrossEntropyLoss}\ndata: {train: a.parquet, eval: b.parquet}\n")
+    started = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "ce_ray.cli", "train", str(job), "--set", "run.output_dir=" + str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: train.loss: CrossEntropyLoss does not fit task rerank; use one of BinaryCrossEntropyLoss, "
+        "MultipleNegativesRankingLoss, LambdaLoss, ListNetLoss, MSELoss, MarginMSELoss"
+    ]
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists()
+    assert time.time() - started < 60

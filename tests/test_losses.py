@@ -1,0 +1,129 @@
+"""Every loss gets its data in the format it needs, and trains on it (tiny model, no Ray)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from ce_ray.config import load_job
+from ce_ray.data import DataError, load_split, mine_negatives, rerank_groups
+from ce_ray.losses import LOSSES, bce_pos_weight, build_loss, needs_mining, shape_rows
+
+
+@pytest.fixture()
+def rerank_rows(tmp_path):
+    """Queries with a positive and two labelled negatives each (already has negatives: no mining)."""
+    frame = pd.DataFrame(
+        {
+            "query": [f"What is fact {i}?" for i in range(8)],
+            "positive": [f"Fact {i} is that the sky is blue on day {i}." for i in range(8)],
+            "negative": [[f"Unrelated sentence {i}a.", f"Unrelated sentence {i}b."] for i in range(8)],
+        }
+    )
+    path = tmp_path / "train.parquet"
+    frame.to_parquet(path)
+    return str(path)
+
+
+def shaped(path: str, loss: str, *overrides: str):
+    job = load_job(None, ["task=rerank", f"data.train={path}", f"train.loss={loss}", *overrides])
+    return job, shape_rows(job, load_split(job, "train"))
+
+
+def test_bce_gets_labeled_pairs_and_auto_pos_weight(rerank_rows):
+    job, table = shaped(rerank_rows, "BinaryCrossEntropyLoss")
+    assert table.column_names == ["query", "passage", "label"]
+    assert table.num_rows == 8 * 3
+    assert sorted(set(table.column("label").to_pylist())) == [0.0, 1.0]
+    assert bce_pos_weight(job.loss, table) == pytest.approx(2.0)  # negatives per positive
+
+
+def test_mnrl_gets_tuples_without_labels(rerank_rows):
+    _, table = shaped(rerank_rows, "MultipleNegativesRankingLoss")
+    assert table.column_names == ["query", "positive", "negative_1", "negative_2"]
+    assert table.num_rows == 8
+
+
+def test_listwise_losses_get_lists(rerank_rows):
+    for loss in ("ListNetLoss", "LambdaLoss"):
+        _, table = shaped(rerank_rows, loss)
+        assert table.column_names == ["query", "docs", "labels"]
+        row = table.slice(0, 1).to_pylist()[0]
+        assert len(row["docs"]) == 3 and row["labels"] == [1.0, 0.0, 0.0]
+
+
+def test_score_losses_need_teacher_scores(rerank_rows, tmp_path):
+    for loss in ("MSELoss", "MarginMSELoss"):
+        with pytest.raises(DataError, match=f"train.loss: {loss} learns from teacher scores"):
+            shaped(rerank_rows, loss)
+    scored = tmp_path / "scored.parquet"
+    pd.DataFrame({"query": ["q1", "q1", "q1"], "passage": ["a", "b", "c"], "score": [9.0, 1.5, -3.0]}).to_parquet(scored)
+    _, table = shaped(str(scored), "MSELoss")
+    assert table.column_names == ["query", "passage", "score"]
+    _, table = shaped(str(scored), "MarginMSELoss")
+    assert table.to_pydict() == {"query": ["q1", "q1"], "doc_a": ["a", "a"], "doc_b": ["b", "c"], "label": [7.5, 12.0]}
+    with pytest.raises(DataError, match="BinaryCrossEntropyLoss needs labels in \\[0, 1\\]"):
+        shaped(str(scored), "BinaryCrossEntropyLoss")
+
+
+def test_positive_only_pairs_never_train_bce_without_negatives(qa_files):
+    mapping = "{query: question, positive: answer}"
+    job = load_job(
+        None,
+        ["task=rerank", f"data.train={{path: {qa_files['train']}, columns: {mapping}}}", "data.negatives.mine=never"],
+    )
+    groups = rerank_groups(load_split(job, "train"))
+    assert not groups.has_negatives
+    with pytest.raises(DataError, match="needs negatives but data.train has positive pairs only"):
+        needs_mining(job, groups)
+    mnrl = load_job(None, ["task=rerank", "train.loss=MultipleNegativesRankingLoss", "data.negatives.mine=never"])
+    assert needs_mining(mnrl, groups) is False  # in-batch negatives need no mining
+
+
+def test_mining_adds_hard_negatives_that_are_not_positives(qa_files):
+    """Real mining with the bundled all-MiniLM-L6-v2 on real QA pairs."""
+    mapping = "{query: question, positive: answer}"
+    job = load_job(None, ["task=rerank", f"data.train={{path: {qa_files['train']}, columns: {mapping}, select: 48}}", "data.negatives.num=3"])
+    groups = rerank_groups(load_split(job, "train"))
+    assert needs_mining(job, groups)
+    mined = mine_negatives(groups, job.data.negatives)
+    assert mined.queries == groups.queries
+    with_negatives = 0
+    for original, docs, labels in zip(groups.docs, mined.docs, mined.labels):
+        positives = {d for d, lab in zip(docs, labels) if lab > 0}
+        negatives = [d for d, lab in zip(docs, labels) if lab <= 0]
+        assert positives == set(original)
+        assert not positives & set(negatives)
+        assert len(negatives) <= 3
+        with_negatives += bool(negatives)
+    assert with_negatives >= 0.8 * len(groups.queries)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_every_loss_trains_a_step_on_its_shaped_data(loss, tiny_model, tmp_path, rerank_rows):
+    """The shaped columns are exactly what the sentence-transformers loss consumes."""
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from datasets import Dataset
+
+    from ce_ray.modeling import load_cross_encoder
+
+    if LOSSES[loss].task == "nli":
+        frame = pd.DataFrame({"premise": ["A man sleeps.", "A dog runs."] * 4, "hypothesis": ["A person rests.", "A cat sits."] * 4, "label": [0, 2] * 4})
+        frame.to_parquet(tmp_path / "nli.parquet")
+        job = load_job(None, ["task=nli", f"data.train={tmp_path / 'nli.parquet'}", "train.loss={name: CrossEntropyLoss, label_smoothing: 0.1, class_weights: balanced}"])
+    elif LOSSES[loss].needs_scores:
+        frame = pd.DataFrame({"query": ["q1"] * 4 + ["q2"] * 4, "passage": list("abcdefgh"), "score": [5.0, 1.0, 0.5, -1.0] * 2})
+        frame.to_parquet(tmp_path / "scored.parquet")
+        job = load_job(None, ["task=rerank", f"data.train={tmp_path / 'scored.parquet'}", f"train.loss={loss}"])
+    else:
+        job = load_job(None, ["task=rerank", f"data.train={rerank_rows}", f"train.loss={loss}"])
+    table = shape_rows(job, load_split(job, "train"))
+    model = load_cross_encoder(job.model.model_copy(update={"name": tiny_model}), job.task, device="cpu")
+    args = CrossEncoderTrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, use_cpu=True,
+        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
+    )
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=Dataset(table), loss=build_loss(job, model, table))
+    output = trainer.train()
+    assert trainer.state.global_step == 2
+    assert output.training_loss == output.training_loss and output.training_loss < float("inf")  # finite
