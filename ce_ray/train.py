@@ -43,6 +43,7 @@ from typing import Any
 import ray
 import ray.train
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+from sentence_transformers.base.evaluation import SequentialEvaluator
 from transformers import TrainerCallback
 
 from ce_ray import storage
@@ -183,6 +184,21 @@ class _Timer(TrainerCallback):
             self._start = None
 
 
+class _CountingEvaluator(SequentialEvaluator):
+    """The task's evaluator, counting how often this rank ran it (sentence-transformers runs it on rank 0)."""
+
+    def __init__(self, evaluator):
+        super().__init__([evaluator])
+        self.calls = 0
+
+    def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
+        self.calls += 1
+        evaluator = self.evaluators[0]
+        metrics = evaluator(model, output_path, epoch, steps)
+        self.primary_metric = evaluator.primary_metric
+        return metrics
+
+
 def _param_checksum(model) -> str:
     """SHA-256 over all parameters (to show DDP ranks end with identical weights)."""
     digest = hashlib.sha256()
@@ -214,7 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # [4] Loss (shaped for the rows) and evaluator (run by rank 0, others lend forward passes).
     loss = build_loss(job, model, train_dataset.data.table)
-    evaluator = task.evaluator(eval_rows, job.train.eval_batch_size)
+    evaluator = _CountingEvaluator(task.evaluator(eval_rows, job.train.eval_batch_size))
 
     # [5] Arguments: per-worker batch = global batch / world size; resume from Ray's latest checkpoint.
     checkpoint = ray.train.get_checkpoint()
@@ -237,6 +253,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # [7] Train (the evaluation at step 0 is the baseline; a resumed run already has it).
     started = time.time()
+    identity = {
+        "rank": rank,
+        "world_size": world_size,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    stats_uri = storage.join(config["stats_dir"], f"rank{rank}.json")
+    storage.write_json(stats_uri, {"status": "running", **identity})
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             output = trainer.train(resume_from_checkpoint=os.path.join(ckpt_dir, CHECKPOINT_SUBDIR))
@@ -246,11 +271,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # [8] Per-worker statistics, read by the driver for summary.json.
     steps_this_attempt = trainer.state.global_step - getattr(trainer, "_initial_global_step", 0)
     stats = {
-        "rank": rank,
-        "world_size": world_size,
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "hostname": socket.gethostname(),
-        "pid": os.getpid(),
+        "status": "done",
+        **identity,
         "global_step": trainer.state.global_step,
         "steps_this_attempt": steps_this_attempt,
         "resumed": checkpoint is not None,
@@ -259,12 +281,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "train_runtime_s": output.metrics.get("train_runtime"),
         "step_seconds": timer.step_seconds,
         "samples_per_second": counter.rows / timer.step_seconds if timer.step_seconds else None,
+        "evaluations_run": evaluator.calls,
         "param_checksum": _param_checksum(trainer.model),
         "wall_s": time.time() - started,
     }
     if job.run.log_row_ids:
         stats["row_ids"] = counter.ids
-    storage.write_json(storage.join(config["stats_dir"], f"rank{rank}.json"), stats)
+    storage.write_json(stats_uri, stats)
     shutil.rmtree(local_dir, ignore_errors=True)
 
 

@@ -1,0 +1,129 @@
+"""Distributed training on a real local Ray: DDP sharding, identical weights, faults, resume, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ce_ray.config import load_job
+from ce_ray.train import run_training
+
+
+def nli_job(tiny_model, nli_files, out: Path, *overrides: str):
+    return load_job(
+        None,
+        [
+            "task=nli",
+            f"model.name={tiny_model}",
+            f"data.train={nli_files['train']}",  # 256 rows
+            f"data.eval={nli_files['dev']}",
+            "train.batch_size=32",
+            "train.learning_rate=1e-3",
+            f"run.output_dir={out}",
+            "run.name=t",
+            *overrides,
+        ],
+    )
+
+
+def worker_stats(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "workers").glob("rank*.json"))]
+
+
+def test_two_workers_shard_the_data_and_end_with_identical_weights(tiny_model, nli_files, tmp_path, ray_session):
+    out = tmp_path / "run"
+    job = nli_job(tiny_model, nli_files, out, "scaling.num_workers=2", "run.checkpoint_every=4", "run.log_row_ids=true")
+    outcome = run_training(job)
+    summary = json.loads((out / "summary.json").read_text())
+
+    # Each worker ran rows / (workers x batch) steps: 256 / (2 x 16 per worker) = 8.
+    assert summary["world_size"] == 2
+    assert summary["steps_per_worker"] == [8, 8]
+    stats = worker_stats(out)
+    assert [s["rank"] for s in stats] == [0, 1]
+    assert all(s["status"] == "done" and s["per_device_batch_size"] == 16 for s in stats)
+
+    # ...on disjoint rows that together cover the training set once.
+    rows = [set(s["row_ids"]) for s in stats]
+    assert len(stats[0]["row_ids"]) == len(rows[0]) == 128 and len(rows[1]) == 128
+    assert not rows[0] & rows[1]
+
+    # Gradients were synced: both ranks hold the same weights.
+    assert stats[0]["param_checksum"] == stats[1]["param_checksum"]
+
+    # The evaluator ran on rank 0 only: before training, at steps 4 and 8.
+    assert stats[0]["evaluations_run"] == 3 and stats[1]["evaluations_run"] == 0
+
+    # Outputs: metrics before/after, throughput, a loadable CrossEncoder directory.
+    assert set(summary["metrics_before"]) >= {"accuracy", "f1_macro"}
+    assert set(summary["metrics_after"]) >= {"accuracy", "f1_macro"}
+    assert summary["train_samples_per_second"] > 0 and summary["wall_time_s"] > 0
+    assert summary["best_checkpoint"]["eval_accuracy"] is not None
+    final = Path(outcome.final_dir)
+    assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in final.iterdir()}
+    assert not any(p.name.startswith(("optimizer", "rng_state", "trainer_state")) for p in final.iterdir())
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    model = CrossEncoder(str(final))
+    assert model.num_labels == 3 and model.config.id2label[2] == "contradiction"
+    assert model.predict([("A man sleeps.", "A person rests.")]).shape == (1, 3)
+    assert not list(out.glob(".tmp-*"))  # nothing half-written left behind
+
+
+def _train_worker_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_killed_worker_restarts_from_checkpoint_and_finishes(tiny_model, nli_files, tmp_path, ray_session):
+    """Kill a training worker by pid after the first checkpoint; Ray restarts the group and finishes."""
+    out = tmp_path / "run"
+    # 256 rows / batch 16 = 16 steps per epoch, 6 epochs = 96 steps when nothing goes wrong.
+    job = nli_job(
+        tiny_model, nli_files, out, "train.batch_size=16", "train.epochs=6", "run.checkpoint_every=8", "run.max_failures=2"
+    )
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("outcome", run_training(job)))
+    thread.start()
+
+    deadline = time.time() + 180
+    checkpoints = out / "t"
+    while time.time() < deadline and not list(checkpoints.glob("checkpoint_*")):
+        assert thread.is_alive(), "training ended before a checkpoint appeared"
+        time.sleep(0.2)
+    stats = worker_stats(out)
+    assert stats and stats[0]["status"] == "running"
+    victim = stats[0]["pid"]
+    assert victim in _train_worker_pids()
+    os.kill(victim, signal.SIGKILL)
+
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    summary = result["outcome"].summary
+    assert summary["steps_per_worker"] == [96]  # the uninterrupted count
+    final_stats = worker_stats(out)[0]
+    assert final_stats["pid"] != victim and final_stats["resumed"] is True
+    assert 0 < final_stats["steps_this_attempt"] < 96  # it did not start over
+
+
+def test_rerunning_the_same_run_name_resumes(tiny_model, nli_files, tmp_path, ray_session):
+    out = tmp_path / "run"
+    first = run_training(nli_job(tiny_model, nli_files, out, "train.max_steps=6", "run.checkpoint_every=3"))
+    assert first.summary["steps_per_worker"] == [6]
+    assert worker_stats(out)[0]["resumed"] is False
+
+    # Same output_dir and run.name, longer budget: continues from step 6 instead of starting over.
+    second = run_training(nli_job(tiny_model, nli_files, out, "train.max_steps=12", "run.checkpoint_every=3"))
+    stats = worker_stats(out)[0]
+    assert stats["resumed"] is True
+    assert stats["steps_this_attempt"] == 6
+    assert second.summary["steps_per_worker"] == [12]
+    # the baseline (before any training) survives the resume
+    assert second.summary["metrics_before"] == first.summary["metrics_before"]
