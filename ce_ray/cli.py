@@ -85,6 +85,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if not args.job:
         raise ConfigError("validate: give a job file (or --keys to list every key)")
     job = load_job(args.job, args.overrides)
+    if job.tune.search_space is not None or job.tune.points_to_evaluate:
+        from ce_ray.tune import search_space
+
+        search_space(job)
     if args.data:
         from ce_ray.data import load_split
 

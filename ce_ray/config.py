@@ -121,7 +121,8 @@ class DataSource(_Section):
     hub: str | None = Field(None, description="Hugging Face hub dataset id, loaded with datasets.load_dataset.")
     subset: str | None = Field(None, description="Hub dataset configuration (e.g. pair-class).")
     split: str = Field("train", description="Hub dataset split.")
-    select: int | None = Field(None, ge=1, description="Keep only the first N rows.")
+    offset: int = Field(0, ge=0, description="Skip the first N rows (before select), e.g. to split one file in two.")
+    select: int | None = Field(None, ge=1, description="Keep only the first N rows (after offset).")
     format: Literal["auto", "parquet", "jsonl", "csv"] = Field(
         "auto", description="File format; 'auto' goes by the file's extension."
     )
@@ -338,6 +339,10 @@ class TuneConfig(_Section):
         "{choice: [..]}, {grid: [..]}, {randint: [lo, hi]} or a fixed value. Default per task: "
         "learning_rate loguniform 1e-6..1e-4, batch_size choice, loss choice.",
     )
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Trials to run first, each {dotted key: value} (e.g. the notebook's defaults as a baseline).",
+    )
     search: Literal["optuna", "random", "grid"] = Field(
         "optuna", description="optuna = TPE through Tune's OptunaSearch; random; grid (only grid/choice domains)."
     )
@@ -372,7 +377,23 @@ class ServeConfig(_Section):
     max_documents: int = Field(1000, ge=1, description="Most documents in one /rerank request.")
     max_pairs: int = Field(1000, ge=1, description="Most pairs in one /predict request.")
     max_text_chars: int = Field(20000, ge=1, description="Longest accepted text, in characters (longer -> 413).")
+    model_name: str | None = Field(
+        None,
+        description="Name the API reports and accepts in a request's 'model' field; default: serve.model as given.",
+    )
     max_batch_size: int = Field(128, ge=1, description="Pairs the model scores per forward pass (across requests).")
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=8,
+        description="Padded tokens (pairs x longest pair) per forward pass; default 4096 on CPU, 32768 on GPU. "
+        "Pairs are sorted by length, so long pairs run in small passes and short ones in large passes.",
+    )
+    max_batch_requests: int = Field(
+        64,
+        ge=1,
+        description="Most requests merged into one model batch (@serve.batch size); 1 turns cross-request "
+        "batching off. At most max_concurrent_requests.",
+    )
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill up.")
     max_concurrent_requests: int = Field(256, ge=1, description="Queued requests per replica before 503.")
     num_replicas: int | Literal["auto"] = Field(1, description="Model replicas, or 'auto' for autoscaling.")
@@ -384,6 +405,19 @@ class ServeConfig(_Section):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="auto = fp16 on GPU, fp32 on CPU."
     )
+
+    @model_validator(mode="after")
+    def _serve_checks(self) -> ServeConfig:
+        if self.max_batch_requests > self.max_concurrent_requests:
+            raise ValueError(
+                f"max_batch_requests ({self.max_batch_requests}) is larger than max_concurrent_requests "
+                f"({self.max_concurrent_requests}): a replica never holds that many requests at once"
+            )
+        if isinstance(self.num_replicas, int) and self.num_replicas < 1:
+            raise ValueError(f"num_replicas must be at least 1 (or 'auto'), got {self.num_replicas}")
+        if self.precision == "fp16" and self.num_gpus == 0:
+            raise ValueError("precision fp16 needs a GPU (num_gpus > 0); use fp32 or bf16 on CPU")
+        return self
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,8 +84,8 @@ def read_source(src: DataSource, key: str) -> pa.Table:
         table = _read_file(src, key)
     else:
         table = _read_hub(src, key)
-    if src.select is not None:
-        table = table.slice(0, src.select)
+    if src.offset or src.select is not None:
+        table = table.slice(src.offset, src.select)
     missing = [source for source in src.columns.values() if source not in table.column_names]
     if missing:
         raise DataError(

@@ -29,6 +29,7 @@ __all__ = [
     "read_json",
     "resolve_uri",
     "stat_fingerprint",
+    "write_bytes",
     "write_json",
 ]
 
@@ -74,19 +75,23 @@ def stat_fingerprint(uri: str) -> dict[str, Any]:
     return {"size": info.size, "mtime_ns": info.mtime_ns}
 
 
-def write_json(uri: str, obj: Any) -> None:
-    """Write ``obj`` as JSON, atomically (temp file, then rename on local disks)."""
-    data = json.dumps(obj, indent=2, sort_keys=False, default=str).encode()
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a file atomically: temp file then rename on local disks, one PUT on object stores."""
     fs, path = filesystem_and_path(uri)
     if is_local(uri):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
         return
     with fs.open_output_stream(path) as out:  # one PUT: visible all at once
         out.write(data)
+
+
+def write_json(uri: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (see :func:`write_bytes`)."""
+    write_bytes(uri, json.dumps(obj, indent=2, default=str).encode())
 
 
 def read_json(uri: str) -> Any:

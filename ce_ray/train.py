@@ -136,7 +136,7 @@ class _Reporter(RayTrainReportCallback):
         evals = _eval_entries(state.log_history)
         if evals:
             metrics.update({f"baseline_{k[5:]}": v for k, v in evals[0].items() if k.startswith("eval_")})
-        metrics.update(step=state.global_step, epoch=state.epoch, world_size=self.world_size)
+        metrics.update(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch, world_size=self.world_size)
         with tempfile.TemporaryDirectory(prefix="ce_ray_ckpt_") as tmp:
             checkpoint = None
             if self.rank == 0:

@@ -1,0 +1,391 @@
+"""Hyperparameter search: Ray Tune runs one Ray Train ``TorchTrainer`` per trial.
+
+Run it::
+
+    ce-ray tune jobs/nli_tune.yaml
+    ce-ray tune jobs/rerank_tune.yaml --set tune.num_samples=32 --set scaling.use_gpu=true
+
+How it fits together (Train V2 pattern): each trial is a small driver function that applies the
+sampled values to the job and calls :func:`ce_ray.train.make_trainer`, so a trial is itself a
+(multi-worker, DDP) training run. ``TuneReportCallback`` forwards every evaluation (each
+``run.checkpoint_every`` steps) to Tune, so ASHA can stop weak trials early; the trial's run name
+is its trial id, so a restarted trial resumes its own checkpoints.
+
+Features, with the key that controls each:
+
+- Search space ``tune.search_space`` ({dotted key: domain}); default per task: learning rate
+  log-uniform 1e-6..1e-4, batch size, and the loss (rerank: BCE, MNRL, LambdaLoss, ListNet, plus
+  MSE/MarginMSE when the data has teacher scores; nli: plain, label-smoothed and class-weighted
+  cross-entropy). Each trial's data is shaped for its loss; rows are checked, and negatives mined,
+  once, before Ray starts.
+- ``tune.search``: Optuna TPE (default), random, grid; ``tune.scheduler``: ASHA (grace period in
+  evaluation rounds) or none; ``tune.max_concurrent_trials`` (default: what the cluster fits given
+  ``scaling``; fractional ``scaling.gpus_per_worker`` packs several trials on one GPU).
+- Metric/mode from the task (``eval_accuracy``, ``eval_ndcg@10``), overridable.
+- Results in ``run.output_dir``: ``best/`` (model of the best checkpoint of the best trial),
+  ``best.json`` (config, metric, trial id, checkpoint, test score), ``trials.csv``, ``report/``
+  (plots, Markdown/HTML). TensorBoard logs under ``<output_dir>/<run.name>/``; MLflow with
+  ``tune.mlflow_uri``.
+- Resilience: crashed trials are retried (``tune.max_failures``; inside a trial, worker failures
+  restart from its checkpoint per ``run.max_failures``); re-running with the same ``run.name``
+  restores the experiment and does not redo finished trials.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ce_ray import storage
+from ce_ray.config import ConfigError, JobConfig, apply_override, job_from_dict
+from ce_ray.losses import LOSSES
+from ce_ray.modeling import check_model, load_for_inference
+from ce_ray.prepare import load_prepared, prepare_split
+from ce_ray.runtime import ensure_ray
+from ce_ray.tasks import TASKS
+
+__all__ = ["TuneOutcome", "default_search_space", "run_tuning", "search_space"]
+
+logger = logging.getLogger(__name__)
+
+DOMAINS = ("loguniform", "uniform", "choice", "grid", "randint")
+DRIVER_CPUS = 0.01  # Tune needs a non-empty request for the trial's driver function
+
+
+# --------------------------------------------------------------------------------------------
+# search space
+# --------------------------------------------------------------------------------------------
+def default_search_space(job: JobConfig, has_scores: bool = False) -> dict[str, Any]:
+    """The search space used when ``tune.search_space`` is not set."""
+    batches = [b for b in (16, 32, 64) if b % job.scaling.num_workers == 0] or [job.train.batch_size]
+    if job.task == "nli":
+        losses: list[Any] = [
+            "CrossEntropyLoss",
+            {"name": "CrossEntropyLoss", "label_smoothing": 0.1},
+            {"name": "CrossEntropyLoss", "class_weights": "balanced"},
+        ]
+    else:
+        losses = ["BinaryCrossEntropyLoss", "MultipleNegativesRankingLoss", "LambdaLoss", "ListNetLoss"]
+        if has_scores:
+            losses += ["MSELoss", "MarginMSELoss"]
+    return {
+        "train.learning_rate": {"loguniform": [1e-6, 1e-4]},
+        "train.batch_size": {"choice": batches},
+        "train.loss": {"choice": losses},
+    }
+
+
+def _encode(value: Any) -> Any:
+    """Categorical values go to searchers as primitives: mappings become JSON text."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(("{", "[")):
+        return json.loads(value)
+    return value
+
+
+def _validate_space(job: JobConfig, space: dict[str, Any]) -> None:
+    """Every key exists and every value it may take gives a valid job; all problems at once."""
+    errors: list[str] = []
+    base = job.to_dict()
+    for key, spec in space.items():
+        prefix = f"tune.search_space.{key}"
+        if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DOMAINS:
+            kind, arg = next(iter(spec.items()))
+            if kind in ("loguniform", "uniform", "randint"):
+                if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(a, (int, float)) for a in arg)):
+                    errors.append(f"{prefix}: {kind} takes [low, high], got {arg!r}")
+                    continue
+                if arg[0] >= arg[1] or (kind == "loguniform" and arg[0] <= 0):
+                    errors.append(f"{prefix}: {kind} needs 0 < low < high" if kind == "loguniform" else f"{prefix}: needs low < high")
+                    continue
+                samples = [arg[0], arg[1] - (1 if kind == "randint" else 0)]
+            else:
+                if not isinstance(arg, list) or not arg:
+                    errors.append(f"{prefix}: {kind} takes a non-empty list of values, got {arg!r}")
+                    continue
+                samples = arg
+        else:
+            samples = [spec]
+        for value in samples:
+            raw = copy.deepcopy(base)
+            try:
+                apply_override(raw, key, value)
+                job_from_dict(raw)
+            except ConfigError as exc:
+                errors.extend(f"{prefix} = {value!r}: {e}" for e in exc.errors)
+    if errors:
+        raise ConfigError(errors)
+
+
+def search_space(job: JobConfig, has_scores: bool = False) -> dict[str, Any]:
+    """The validated search space of a job (``tune.search_space`` or the task default)."""
+    space = job.tune.search_space or default_search_space(job, has_scores)
+    _validate_space(job, space)
+    if job.tune.search == "grid":
+        bad = [k for k, v in space.items() if isinstance(v, dict) and next(iter(v), None) in ("loguniform", "uniform", "randint")]
+        if bad:
+            raise ConfigError([f"tune.search_space.{k}: grid search needs choice/grid values, not a range" for k in bad])
+    elif job.tune.search == "optuna":
+        bad = [k for k, v in space.items() if isinstance(v, dict) and next(iter(v), None) == "grid"]
+        if bad:
+            raise ConfigError([f"tune.search_space.{k}: Optuna cannot search a grid; use choice, or tune.search: grid" for k in bad])
+    return space
+
+
+def _tune_domains(space: dict[str, Any], search: str) -> dict[str, Any]:
+    from ray import tune
+
+    param_space: dict[str, Any] = {}
+    for key, spec in space.items():
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DOMAINS):
+            param_space[key] = _encode(spec)
+            continue
+        kind, arg = next(iter(spec.items()))
+        if kind == "loguniform":
+            param_space[key] = tune.loguniform(*arg)
+        elif kind == "uniform":
+            param_space[key] = tune.uniform(*arg)
+        elif kind == "randint":
+            param_space[key] = tune.randint(*arg)
+        elif kind == "grid" or (kind == "choice" and search == "grid"):
+            param_space[key] = tune.grid_search([_encode(v) for v in arg])
+        else:
+            param_space[key] = tune.choice([_encode(v) for v in arg])
+    return param_space
+
+
+def trial_job(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
+    """The job of one trial: the base job with the sampled values applied."""
+    raw = copy.deepcopy(base)
+    for key, value in params.items():
+        apply_override(raw, key, _decode(value))
+    return job_from_dict(raw)
+
+
+# --------------------------------------------------------------------------------------------
+# the trial
+# --------------------------------------------------------------------------------------------
+def _trial_driver(params: dict[str, Any], base_job: dict[str, Any], trials_dir: str) -> None:
+    """One trial: a Ray Train run of the base job with ``params`` applied."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ce_ray.prepare import prepare_data
+    from ce_ray.train import make_trainer
+
+    job = trial_job(base_job, params)
+    prepared = prepare_data(job)  # cached: checked/shaped (and mined) before the experiment started
+    name = f"trial-{ray.tune.get_context().get_trial_id()}"  # no timestamps: restarts resume
+    trainer = make_trainer(
+        job,
+        prepared,
+        name=name,
+        storage_path=trials_dir,
+        stats_dir=storage.join(trials_dir, name, "workers"),
+        callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TuneOutcome:
+    best: dict[str, Any]
+    best_dir: str
+    trials: list[dict[str, Any]]
+    report_dir: str
+
+
+def _losses_in_space(job: JobConfig, space: dict[str, Any]) -> list[Any]:
+    spec = space.get("train.loss")
+    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in ("choice", "grid"):
+        return list(next(iter(spec.values())))
+    return [spec] if spec is not None else [job.loss.model_dump(exclude_none=True)]
+
+
+def _prepare_all(job: JobConfig, space: dict[str, Any]) -> None:
+    """Check rows, shape them for every loss in the space and mine negatives, before Ray starts."""
+    prepare_split(job, "eval")
+    errors: list[str] = []
+    base = job.to_dict()
+    for loss in _losses_in_space(job, space):
+        trial = trial_job(base, {"train.loss": _encode(loss)})
+        try:
+            prepare_split(trial, "train")
+        except ConfigError as exc:
+            errors.extend(f"tune.search_space.train.loss = {loss!r}: {e}" for e in exc.errors)
+    if errors:
+        raise ConfigError(errors)
+
+
+def _has_scores(job: JobConfig) -> bool:
+    if job.task != "rerank" or job.data.train is None:
+        return False
+    from ce_ray.data import read_source
+
+    names = set(read_source(job.data.train, "data.train").column_names)
+    return "score" in names or "score" in job.data.train.columns
+
+
+def _max_concurrent(job: JobConfig) -> int:
+    import ray
+
+    if job.tune.max_concurrent_trials:
+        return job.tune.max_concurrent_trials
+    resources = ray.cluster_resources()
+    s = job.scaling
+    cpu_fits = resources.get("CPU", 1) / (s.num_workers * s.cpus_per_worker + DRIVER_CPUS)
+    fits = min(cpu_fits, resources.get("GPU", 0) / (s.num_workers * s.gpus_per_worker)) if s.use_gpu else cpu_fits
+    return max(1, min(job.tune.num_samples, int(math.floor(fits + 1e-9))))
+
+
+def _rounds_upper_bound(job: JobConfig, space: dict[str, Any], train_rows: int) -> int:
+    """Most evaluation rounds any trial can run (ASHA's max_t)."""
+    smallest_batch = job.train.batch_size
+    spec = space.get("train.batch_size")
+    if isinstance(spec, dict) and next(iter(spec), None) in ("choice", "grid"):
+        smallest_batch = min(next(iter(spec.values())))
+    steps = job.train.max_steps if job.train.max_steps > 0 else math.ceil(train_rows / smallest_batch * job.train.epochs)
+    return max(job.tune.grace_period, math.ceil(steps / job.run.checkpoint_every) + 1)
+
+
+def _build_searcher(job: JobConfig, metric: str, mode: str):
+    from ray.tune.search import BasicVariantGenerator
+
+    if job.tune.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        points = [{k: _encode(v) for k, v in p.items()} for p in job.tune.points_to_evaluate] or None
+        return OptunaSearch(
+            metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=job.tune.seed), points_to_evaluate=points
+        )
+    points = [{k: _encode(v) for k, v in p.items()} for p in job.tune.points_to_evaluate] or None
+    return BasicVariantGenerator(random_state=job.tune.seed, points_to_evaluate=points)
+
+
+def run_tuning(job: JobConfig) -> TuneOutcome:
+    """Search hyperparameters for a job and publish the best model (see module docstring).
+
+    Raises:
+        ConfigError / DataError: before Ray starts, for a bad config, search space or rows.
+    """
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from ce_ray import report
+
+    started = time.time()
+    job.require_data("train", "eval")
+    out = storage.resolve_uri(job.run.output_dir)
+    job = job.model_copy(deep=True)
+    job.run.output_dir = out
+    task = TASKS[job.task]
+    metric = job.tune.metric or task.tune_metric
+    mode = job.tune.mode or task.mode
+
+    # [1] Everything that can fail on the config or data fails here, before Ray starts.
+    check_model(job.model)
+    space = search_space(job, has_scores=_has_scores(job))
+    _prepare_all(job, space)
+    if job.data.test is not None:
+        prepare_split(job, "test")
+
+    # [2] The experiment: one driver function per trial, restored when this run.name exists.
+    ensure_ray()
+    trials_dir = storage.join(out, f"{job.run.name}-trials")
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_driver, base_job=job.to_dict(), trials_dir=trials_dir),
+        {"CPU": DRIVER_CPUS},  # the driver only waits on its workers, which hold the real resources
+    )
+    experiment = storage.join(out, job.run.name)
+    if tune.Tuner.can_restore(experiment):
+        logger.info("resuming tune experiment %s (finished trials are kept)", experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        rows = prepare_split(job, "train").rows
+        scheduler = (
+            ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=_rounds_upper_bound(job, space, rows),
+                grace_period=job.tune.grace_period,
+                reduction_factor=job.tune.reduction_factor,
+            )
+            if job.tune.scheduler == "asha"
+            else FIFOScheduler()
+        )
+        callbacks = []
+        if job.tune.mlflow_uri:
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+            callbacks.append(MLflowLoggerCallback(tracking_uri=job.tune.mlflow_uri, experiment_name=job.run.name))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_tune_domains(space, job.tune.search),
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                search_alg=_build_searcher(job, metric, mode),
+                scheduler=scheduler,
+                num_samples=job.tune.num_samples,
+                max_concurrent_trials=_max_concurrent(job),
+            ),
+            run_config=tune.RunConfig(
+                name=job.run.name,
+                storage_path=out,
+                failure_config=tune.FailureConfig(max_failures=job.tune.max_failures),
+                callbacks=callbacks,
+            ),
+        )
+    results = tuner.fit()
+
+    # [3] Trials table, best model, test score, report.
+    trials = report.trial_rows(results, metric, mode, space)
+    ok = [t for t in trials if t["best_checkpoint"]]
+    if not ok:
+        errors = "; ".join(f"{t['trial_id']}: {t['error']}" for t in trials if t["error"]) or "no trial reported a checkpoint"
+        raise RuntimeError(f"tune: no trial finished an evaluation ({errors})")
+    best_trial = max(ok, key=lambda t: t[f"best_{metric}"] * (1 if mode == "max" else -1))
+    best_dir = _export_best(best_trial["best_checkpoint"], storage.join(out, "best"))
+    best = {
+        "metric": metric,
+        "mode": mode,
+        "value": best_trial[f"best_{metric}"],
+        "trial_id": best_trial["trial_id"],
+        "step": best_trial["best_step"],
+        "params": best_trial["params"],
+        "loss": best_trial["loss"],
+        "checkpoint_path": best_trial["best_checkpoint"],
+        "best_dir": best_dir,
+        "job": trial_job(job.to_dict(), {k: _encode(v) for k, v in best_trial["params"].items()}).to_dict(),
+        "num_trials": len(trials),
+        "trials_stopped_early": sum(t["status"] == "STOPPED_EARLY" for t in trials),
+        "wall_time_s": time.time() - started,
+    }
+    if job.data.test is not None:
+        test_rows = load_prepared(prepare_split(job, "test").uri).data.table
+        best["test_metrics"] = task.evaluate(load_for_inference(best_dir), test_rows, job.train.eval_batch_size)
+        best["test_score"] = best["test_metrics"].get(task.primary_metric)
+    report_dir = report.write_report(out, trials, best, metric)
+    storage.write_json(storage.join(out, "best.json"), best)
+    return TuneOutcome(best=best, best_dir=best_dir, trials=trials, report_dir=report_dir)
+
+
+def _export_best(checkpoint_path: str, dest: str) -> str:
+    from ray.train import Checkpoint
+
+    from ce_ray.train import export_checkpoint
+
+    return export_checkpoint(Checkpoint(checkpoint_path), dest)

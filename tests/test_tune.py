@@ -1,0 +1,201 @@
+"""Hyperparameter search on a real local Ray: trials, ASHA early stopping, best model, resume."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from ce_ray.config import ConfigError, load_job
+from ce_ray.tune import run_tuning, search_space
+
+pytestmark = pytest.mark.slow
+
+
+def keyword_nli(path: Path, rows: int, seed: int) -> str:
+    """A constructed NLI set a tiny model learns in a few dozen steps: the label is the hypothesis's first word."""
+    rng = random.Random(seed)
+    subjects = ["a man", "the dog", "two kids", "a woman", "the cat", "an old lady", "a chef", "the team"]
+    words = ["yes", "perhaps", "no"]
+    frame = pd.DataFrame(
+        [
+            {"premise": f"{rng.choice(subjects)} is outside today", "hypothesis": f"{words[i % 3]} {rng.choice(subjects)} is here", "label": i % 3}
+            for i in range(rows)
+        ]
+    )
+    frame.to_parquet(path)
+    return str(path)
+
+
+def test_nli_search_stops_a_bad_trial_early_and_exports_the_best(tiny_model, tmp_path, ray_session):
+    """3 trials over lr x batch size x loss; the two with a useless learning rate are cut by ASHA."""
+    train = keyword_nli(tmp_path / "train.parquet", 256, seed=0)
+    dev = keyword_nli(tmp_path / "dev.parquet", 64, seed=1)
+    space = {
+        "train.learning_rate": {"choice": [1e-2, 1e-9]},
+        "train.batch_size": {"choice": [16, 32]},
+        "train.loss": {"choice": ["CrossEntropyLoss", {"name": "CrossEntropyLoss", "label_smoothing": 0.1}, {"name": "CrossEntropyLoss", "class_weights": "balanced"}]},
+    }
+    job = load_job(
+        None,
+        base={
+            "task": "nli",
+            "model": {"name": tiny_model},
+            "data": {"train": train, "eval": dev, "test": dev},
+            "train": {"max_steps": 48, "warmup_ratio": 0.0},
+            "run": {"output_dir": str(tmp_path / "out"), "name": "kw", "checkpoint_every": 24},
+            "tune": {
+                "num_samples": 3,
+                "search": "random",
+                "scheduler": "asha",
+                "grace_period": 1,
+                "reduction_factor": 2,
+                "max_concurrent_trials": 1,
+                "search_space": space,
+                # the good trial runs first, so the bad ones meet a recorded rung
+                "points_to_evaluate": [
+                    {"train.learning_rate": 1e-2, "train.batch_size": 16, "train.loss": "CrossEntropyLoss"},
+                    {"train.learning_rate": 1e-9, "train.batch_size": 32, "train.loss": {"name": "CrossEntropyLoss", "label_smoothing": 0.1}},
+                    {"train.learning_rate": 1e-9, "train.batch_size": 16, "train.loss": {"name": "CrossEntropyLoss", "class_weights": "balanced"}},
+                ],
+            },
+        },
+    )
+    outcome = run_tuning(job)
+    out = tmp_path / "out"
+
+    statuses = {t["trial_id"]: t["status"] for t in outcome.trials}
+    assert len(outcome.trials) == 3
+    assert list(statuses.values()).count("STOPPED_EARLY") >= 1, outcome.trials
+    best = json.loads((out / "best.json").read_text())
+    assert best["params"]["train.learning_rate"] == 1e-2
+    assert statuses[best["trial_id"]] == "COMPLETED"
+    assert best["metric"] == "eval_accuracy" and best["value"] > 0.5
+    assert best["trials_stopped_early"] >= 1
+
+    # best/ is a plain CrossEncoder directory that scores on the test rows (as recorded in best.json)
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from ce_ray.data import load_split
+    from ce_ray.tasks import NLI
+
+    model = CrossEncoder(str(out / "best"))
+    rows = load_split(load_job(None, ["task=nli", f"data.test={dev}"]), "test")
+    assert NLI.evaluate(model, rows.table)["accuracy"] == pytest.approx(best["test_score"])
+    assert best["test_score"] > 0.5
+
+    with open(out / "trials.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3 and {"trial_id", "status", "loss", "learning_rate", "best_eval_accuracy", "wall_time_s"} <= set(table[0])
+    assert {"CrossEntropyLoss", "CrossEntropyLoss(label_smoothing=0.1)", "CrossEntropyLoss(class_weights=balanced)"} == {r["loss"] for r in table}
+    for name in ("metric_vs_lr.png", "learning_curves.png", "report.md", "report.html"):
+        assert (out / "report" / name).stat().st_size > 0
+
+
+def test_bad_search_spaces_fail_before_ray(tmp_path):
+    job = load_job(
+        None,
+        base={
+            "task": "rerank",
+            "tune": {
+                "search_space": {
+                    "train.learning_rate": {"loguniform": [0, 1e-4]},
+                    "train.batch_sise": {"choice": [16]},
+                    "train.loss": {"choice": ["BinaryCrossEntropyLoss", "CrossEntropyLoss"]},
+                }
+            },
+        },
+    )
+    with pytest.raises(ConfigError) as info:
+        search_space(job)
+    errors = info.value.errors
+    assert "tune.search_space.train.learning_rate: loguniform needs 0 < low < high" in errors
+    assert any(e.startswith("tune.search_space.train.batch_sise = 16: train.batch_sise: unknown key") for e in errors)
+    assert any(e.startswith("tune.search_space.train.loss = 'CrossEntropyLoss': train.loss: CrossEntropyLoss does not fit task rerank") for e in errors)
+
+
+def _terminated_trials(experiment: Path) -> set[str]:
+    done = set()
+    for path in glob.glob(str(experiment / "experiment_state-*.json")):
+        try:
+            state = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, OSError):  # being rewritten
+            continue
+        for trial_json, _ in state["trial_data"]:
+            trial = json.loads(trial_json)
+            if trial["status"] == "TERMINATED":
+                done.add(trial["trial_id"])
+    return done
+
+
+def test_rerank_search_resumes_after_the_driver_is_killed(tiny_model, qa_files, tmp_path):
+    """Kill `ce-ray tune` after its first trial finished; the re-run keeps that trial and finishes the rest."""
+    out = tmp_path / "out"
+    job_file = tmp_path / "rerank_tune.yaml"
+    job_file.write_text(
+        yaml.safe_dump(
+            {
+                "task": "rerank",
+                "model": {"name": tiny_model, "max_length": 128},
+                "data": {
+                    "train": {"path": qa_files["train"], "columns": {"query": "question", "positive": "answer"}, "select": 48},
+                    "eval": qa_files["dev"],
+                    "negatives": {"num": 2},
+                },
+                "train": {"max_steps": 12},
+                "run": {"output_dir": str(out), "name": "rr", "checkpoint_every": 6},
+                "tune": {
+                    "num_samples": 3,
+                    "search": "optuna",
+                    "scheduler": "none",
+                    "max_concurrent_trials": 1,
+                    "search_space": {
+                        "train.learning_rate": {"loguniform": [1e-5, 1e-3]},
+                        "train.batch_size": {"choice": [8, 16]},
+                        "train.loss": {"choice": ["BinaryCrossEntropyLoss", "MultipleNegativesRankingLoss", "ListNetLoss"]},
+                    },
+                },
+            }
+        )
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "ce_ray.cli", "tune", str(job_file)]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    experiment = out / "rr"
+    deadline = time.time() + 420
+    try:
+        while time.time() < deadline and not _terminated_trials(experiment):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        finished = _terminated_trials(experiment)
+        assert finished, "no trial finished in time"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        first.wait()
+        log.close()
+    assert not (out / "best.json").exists()
+    kept = {t: (out / "rr-trials" / f"trial-{t}" / "workers" / "rank0.json").read_text() for t in finished}
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    with open(out / "trials.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3  # restored, not a new experiment of 3 more
+    assert {r["status"] for r in table} == {"COMPLETED"}
+    for trial_id, stats in kept.items():  # the finished trial was not trained again
+        assert (out / "rr-trials" / f"trial-{trial_id}" / "workers" / "rank0.json").read_text() == stats
+    best = json.loads((out / "best.json").read_text())
+    assert best["metric"] == "eval_ndcg@10" and (out / "best" / "model.safetensors").exists()
+    assert {r["loss"] for r in table} <= {"BinaryCrossEntropyLoss", "MultipleNegativesRankingLoss", "ListNetLoss"}
