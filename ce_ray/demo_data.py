@@ -1,54 +1,67 @@
 """A small, self-made dataset for ``ce-ray demo``: NLI pairs and question/passage reranking.
 
 ``ce-ray demo`` has to run on a fresh clone with no network and no external dataset, so this module
-writes its own data: a few hundred pairs per task, as Parquet files, in a second or so.
+writes its own: real English sentences, a few hundred pairs per task, as Parquet files, in about a
+second. Files and keys are listed in :func:`write_demo_data`.
 
-What is generated
-=================
+NLI
+===
 
-**NLI** (``nli_train`` / ``nli_dev`` / ``nli_test``; columns ``premise``, ``hypothesis``,
-``label`` int64 with 0 entailment, 1 neutral, 2 contradiction). Premises describe a simple scene,
-"<subject> is <action> <place>." ("A young woman is playing the violin in a park."), composed from
-hand-written lexicons of subjects (people, children, dogs), actions (each with hypernyms, actions
-that cannot happen at the same time, purposes and unverifiable details) and places (each indoor or
-outdoor). Every premise gets exactly one hypothesis per label, each drawn from several templates:
+``nli_train`` / ``nli_dev`` / ``nli_test``: ``premise``, ``hypothesis`` (str), ``label`` (int64:
+0 entailment, 1 neutral, 2 contradiction); 360 / 90 / 90 rows, exactly balanced. Premises describe a
+simple scene, "<subject> is <action> <place> [<time or purpose>]." ("A young woman is playing the
+violin in a park."), composed from hand-written lexicons: subjects (adults, children, groups, dogs,
+each with more general forms), actions (each with hypernyms, the actions that cannot happen at the
+same time, purposes and unverifiable details), places (indoor or outdoor) and times (in pairs that
+exclude each other). Every premise gets exactly one hypothesis per label, each from several templates:
 
-- entailment: hypernyms ("A woman is playing an instrument."), paraphrase of the place
-  ("Someone is making music outdoors."), negating something incompatible ("The woman is not
-  sleeping.", "The woman is not indoors."), "There is a woman in a park.", "More than one ...";
-- neutral: an added purpose, time or detail that the premise neither states nor rules out
-  ("A young woman is playing the violin to earn some money.", "The woman is not practising for a
-  concert.", "There is nobody else in the park.");
-- contradiction: a conflicting action ("The woman is sleeping."), place ("... in a living room.",
-  "... indoors."), number ("Only one teenager is ...") or a negation ("Nobody is making music.",
+- entailment: hypernyms ("A woman is playing an instrument."), the place generalised ("Someone is
+  making music outdoors."), negating something incompatible ("The woman is not playing football.",
+  "The woman is not indoors."), "There is a woman in the park.", repeating the premise's time or
+  purpose with a hypernym;
+- neutral: an added purpose, time or detail that the premise neither states nor rules out ("The woman
+  is playing the violin to earn some money.", "The woman is not practising for a concert."), "There
+  is nobody else in the park.", "Only one person is ..." for a single subject;
+- contradiction: a conflicting action ("The woman is playing football."), place ("... in a living
+  room.", "... indoors."), time ("... on a warm summer day." for "... on a freezing winter day."),
+  number ("Only one teenager is ..." for three teenagers) or a negation ("Nobody is making music.",
   "There is nobody in the park.").
 
-Negations ("not", "nobody") occur under all three labels and the three hypotheses of a premise have
-similar lengths, so the label depends on what the hypothesis means relative to its premise rather
-than on a surface cue. Dev and test premises use (subject, action) combinations that never occur in
-train. About 360 / 90 / 90 rows, balanced across the labels.
+The conflicting actions are the other actions of the lexicon, so "The girl is reading a book." is
+entailed by one premise and contradicted by another; negations occur under all three labels and
+hypothesis lengths are similar across labels. The label therefore depends on the hypothesis *relative
+to its premise*: a hypothesis-only bag-of-words classifier scores 0.6-0.7 on dev/test (chance 0.33),
+about what such baselines score on SNLI. Dev and test premises use (subject, action) combinations
+absent from train and from each other. A CrossEncoder on the bundled MiniLM reaches about 0.7 dev
+accuracy after 2 epochs at learning rate 2e-4 (batch 16), or 6 epochs at 5e-5; 2 epochs at 5e-5 are
+mostly spent leaving the 1.10 loss plateau of the fresh classification head (about 0.45).
 
-**Reranking** (``rerank_train``: ``query``, ``positive``, positive pairs only;
-``rerank_dev`` / ``rerank_test``: ``query``, ``positive`` list, ``negative`` list of 10-15). Built
-from a hand-written mini knowledge base of well-known, stable facts: countries (capital, language,
-currency, location), chemical elements (symbol, atomic number) and short facts about planets,
-animals, inventions and discoveries, books, geography and science. Each fact has several question
-phrasings and an encyclopedia-style answer passage. Dev and test ask about (entity, attribute)
-combinations held out of train ("What is the currency of Hungary?" when train only has Hungary's
-capital and other countries' currencies), so a model has to learn the pattern, not the facts.
-Their negatives mix hard ones (the same attribute of other entities, other attributes of the same
-entity, facts of the same kind) with easy random passages.
+Reranking
+=========
+
+``rerank_train``: ``query``, ``positive`` (str), positive pairs only, 250 rows. ``rerank_dev`` /
+``rerank_test``: ``query`` (str), ``positive`` (list[str]), ``negative`` (list[str], 10-15 each),
+60 queries each. Built from a hand-written mini knowledge base of well-known, stable facts:
+48 countries (capital, language, currency, location), 26 chemical elements (symbol, atomic number)
+and about 50 facts about planets, animals, discoveries, books, geography and science. Each fact has
+several question phrasings ("What is the capital of Japan?", "Tokyo is the capital of which
+country?") and an encyclopedia-style answer passage ("Tokyo is the capital of Japan and its most
+populous city."). Facts are held out per kind (country capitals, element symbols, planet facts...):
+dev and test ask about (entity, attribute) combinations that train never asks about, so a model has
+to learn "question about X's capital <-> passage stating X's capital", not the facts. Their negatives
+mix hard ones (true but non-answering statements about the same entity, such as "Kyoto was the
+imperial capital of Japan for more than a thousand years.", other attributes of the same entity,
+the same attribute of other entities) with easy random passages.
 
 Provenance and licence
 ======================
 
-Every sentence is written or composed here, for this project; nothing is copied from any
-dataset (in particular not from the research data some tests use). The text is covered by the
-project's licence. Output is deterministic: a fixed seed and fixed lexicons give byte-identical
-files on every run (for a given pandas/pyarrow version).
+Every sentence is written or composed here for this project and is distributed under the project's
+licence; nothing is copied from any dataset (in particular not from the research data under
+``shared/data`` that some tests use). Output is deterministic: fixed seeds and fixed lexicons give
+byte-identical files on every run (for given pandas/pyarrow versions).
 
-Usage: ``python -m ce_ray.demo_data OUT_DIR`` writes the files and prints their row counts;
-:func:`write_demo_data` does the same from Python and returns the paths.
+Usage: ``python -m ce_ray.demo_data OUT_DIR`` writes the files and prints their row counts.
 """
 
 from __future__ import annotations
@@ -117,6 +130,13 @@ class Action:
     purposes: tuple[str, ...]  # unverifiable additions after the action ("to earn some money")
     states: tuple[str, ...] = ()  # unverifiable "The <subject> is <state>."
     hyper_with_place: bool = True  # False when "<hyper> <place>" reads badly ("in the water in a lake")
+    plural: tuple[str, tuple[str, ...]] | None = None  # (text, hypers) for plural subjects, when they differ
+
+    def say(self, plural: bool) -> str:
+        return self.plural[0] if plural and self.plural else self.text
+
+    def hyper_options(self, plural: bool) -> tuple[str, ...]:
+        return self.plural[1] if plural and self.plural else self.hypers
 
 
 PLACES: dict[str, Place] = {
@@ -224,12 +244,14 @@ ACTIONS: tuple[Action, ...] = (
            ("street", "park", "river", "mountain_path"),
            ("swimming", "piano", "climbing", "dishes", "painting", "letter", "sleeping", "sitting on a sofa"),
            ("to visit a friend", "for exercise"),
-           ("wearing a helmet", "training for a race")),
+           ("wearing protective gear", "training for a race"),
+           plural=("riding bicycles", ("riding bikes", "cycling"))),
     Action("reading", "reading a book", ("reading", "looking at a book"), PEOPLE,
            ("library", "bench", "living_room", "train"),
            ("swimming", "football", "climbing", "dishes", "violin", "guitar", "painting", "sleeping"),
            ("for a school project", "to pass the time"),
-           ("reading a detective story", "studying for an exam")),
+           ("reading a detective story", "studying for an exam"),
+           plural=("reading books", ("reading", "looking at books"))),
     Action("cooking", "cooking dinner", ("preparing food", "making a meal", "cooking"), ("adult",),
            ("kitchen", "restaurant", "campsite"),
            ("swimming", "football", "climbing", "bicycle", "violin", "piano", "sleeping"),
@@ -245,17 +267,18 @@ ACTIONS: tuple[Action, ...] = (
            ("bicycle", "reading", "piano", "cooking", "football", "painting", "letter", "sitting on a sofa",
             "sleeping in bed"),
            ("to cool off", "for exercise"),
-           ("training for a race", "racing a friend"), hyper_with_place=False),
+           ("training for a race", "trying to swim faster"), hyper_with_place=False),
     Action("painting", "painting a picture", ("making art", "painting", "creating a picture"), PEOPLE,
            ("garden", "river", "studio", "classroom"),
            ("swimming", "football", "violin", "guitar", "climbing", "dishes", "bicycle", "sleeping"),
            ("for an art class", "as a gift for a friend"),
-           ("painting a portrait", "preparing for an exhibition")),
+           ("painting a portrait", "preparing for an exhibition"),
+           plural=("painting pictures", ("making art", "painting", "creating pictures"))),
     Action("coffee", "drinking coffee", ("having a drink", "drinking something"), ("adult",),
            ("coffee_shop", "kitchen", "balcony", "garden"),
            ("swimming", "violin", "climbing", "football", "singing", "sleeping"),
            ("before work", "with a friend"),
-           ("reading the news", "checking {pos} phone")),
+           ("reading the news", "waiting for a taxi")),
     Action("dishes", "washing dishes", ("cleaning", "doing the dishes", "cleaning plates"), PEOPLE,
            ("kitchen", "restaurant"),
            ("swimming", "football", "bicycle", "climbing", "violin", "guitar", "piano", "painting", "sleeping"),
@@ -265,7 +288,7 @@ ACTIONS: tuple[Action, ...] = (
            ("gym", "mountains"),
            ("swimming", "bicycle", "reading", "piano", "violin", "dishes", "cooking", "sleeping"),
            ("for the first time", "with a friend"),
-           ("wearing a safety helmet", "training for a competition")),
+           ("wearing safety gear", "training for a competition")),
     Action("running", "running", ("moving quickly", "exercising"), PEOPLE,
            ("beach", "park", "gym", "river"),
            ("swimming", "piano", "climbing", "painting", "dishes", "cooking", "letter", "sleeping", "sitting still"),
@@ -275,18 +298,21 @@ ACTIONS: tuple[Action, ...] = (
            ("bench", "kitchen", "coffee_shop", "beach"),
            ("swimming", "singing", "violin", "guitar", "climbing", "sleeping"),
            ("for lunch", "after a long walk"),
-           ("very hungry", "sitting in the sun")),
+           ("very hungry", "sitting in the sun"),
+           plural=("eating sandwiches", ("eating", "having some food"))),
     Action("letter", "writing a letter", ("writing", "writing something"), PEOPLE,
            ("library", "coffee_shop", "living_room", "train"),
            ("swimming", "football", "bicycle", "climbing", "violin", "guitar", "running", "sleeping"),
            ("to an old friend", "to {pos} grandmother"),
-           ("using a blue pen", "writing in French")),
+           ("writing with a pencil", "writing in French"),
+           plural=("writing letters", ("writing", "writing something"))),
     Action("photo", "taking a photograph", ("using a camera", "taking a picture"), PEOPLE,
            ("beach", "street", "museum", "park"),
            ("violin", "guitar", "piano", "climbing", "dishes", "letter", "sleeping"),
            ("for a newspaper", "of a friend"),
-           ("using an old camera", "standing very still")),
-    Action("singing", "singing a song", ("singing", "making music", "using {pos} voice"), PEOPLE,
+           ("standing very still", "learning photography"),
+           plural=("taking photographs", ("using cameras", "taking pictures"))),
+    Action("singing", "singing a song", ("singing", "making music", "performing a song"), PEOPLE,
            ("church", "park", "street", "school_hall"),
            ("swimming", "sandwich", "coffee", "sleeping"),
            ("for {pos} friends", "to earn some money"),
@@ -311,7 +337,8 @@ ACTIONS: tuple[Action, ...] = (
            ("park", "beach", "forest"),
            ("frisbee", "sleeping", "eating from a bowl", "chewing a bone"),
            ("to give it to {pos} owner", "for a game of fetch"),
-           ("walking next to {pos} owner",)),
+           ("walking next to {pos} owner",),
+           plural=("carrying sticks", ("holding sticks", "carrying something"))),
     Action("frisbee", "jumping to catch a frisbee", ("jumping", "playing with a frisbee", "trying to catch something"),
            ("dog",),
            ("park", "beach", "garden"),
@@ -346,8 +373,7 @@ class _Scene:
 
     @property
     def premise(self) -> str:
-        detail = self.time or self.f(self.purpose)
-        return _sentence(f"{self.s.text} {self.s.be} {self.f(self.a.text)} {self.p.text} {detail}")
+        return _sentence(f"{self.s.text} {self.s.be} {self.atext()} {self.p.text} {self.detail}")
 
     @property
     def detail(self) -> str:
@@ -361,11 +387,11 @@ class _Scene:
         options = []
         for c in self.a.conflicts:
             other = ACTION_BY_KEY.get(c)
-            if other is None:
-                if not at_place or self.p.text not in WATER:
+            if other is None:  # a literal phrase; with a place only if it names none ("sleeping")
+                if not at_place or not set(c.split()) & {"in", "on", "at"} and self.p.text not in WATER:
                     options.append(c)
             elif self.s.kind in other.kinds and (not at_place or any(PLACES[k] == self.p for k in other.places)):
-                options.append(other.text)
+                options.append(other.say(self.s.plural))
         return self.pick(options) if options else None
 
     def opposite_place(self) -> Place | None:
@@ -374,26 +400,33 @@ class _Scene:
         options = [PLACES[k] for k in self.a.places if PLACES[k].outdoor is (not self.p.outdoor)]
         return self.rng.choice(options) if options else None
 
-    def action_or_hyper(self) -> str:
+    def atext(self, sg: bool = False) -> str:
+        """The action, agreeing with the subject (``sg``: for a singular subject such as "Nobody")."""
+        return self.f(self.a.say(self.s.plural and not sg))
+
+    def ahypers(self, sg: bool = False) -> tuple[str, ...]:
+        return self.a.hyper_options(self.s.plural and not sg)
+
+    def action_or_hyper(self, sg: bool = False) -> str:
         if self.a.hyper_with_place and self.rng.random() < 0.5:
-            return self.pick(self.a.hypers)
-        return self.f(self.a.text)
+            return self.pick(self.ahypers(sg))
+        return self.atext(sg)
 
 
 # Each template returns a hypothesis or None when it does not apply to the scene.
 # --- entailment ---
 def _e_hyper(c: _Scene):
-    return f"{c.pick(c.s.hypers)} {c.s.be} {c.pick(c.a.hypers)}"
+    return f"{c.pick(c.s.hypers)} {c.s.be} {c.pick(c.ahypers())}"
 
 
 def _e_the_action(c: _Scene):
-    return f"{c.pick((c.s.the, *c.s.hypers))} {c.s.be} {c.f(c.a.text)}"
+    return f"{c.pick((c.s.the, *c.s.hypers))} {c.s.be} {c.atext()}"
 
 
 def _e_hyper_place(c: _Scene):
     if not c.a.hyper_with_place:
         return None
-    return f"{c.pick((c.s.text, *c.s.hypers))} {c.s.be} {c.pick(c.a.hypers)} {c.pick((c.p.text, c.p.the))}"
+    return f"{c.pick((c.s.text, *c.s.hypers))} {c.s.be} {c.pick(c.ahypers())} {c.pick((c.p.text, c.p.the))}"
 
 
 def _e_io(c: _Scene):
@@ -403,7 +436,8 @@ def _e_io(c: _Scene):
 
 
 def _e_not_conflict(c: _Scene):
-    return f"{c.s.the} {c.s.be} not {c.conflict()}"
+    conflict = c.conflict()
+    return conflict and f"{c.s.the} {c.s.be} not {conflict}"
 
 
 def _e_not_io(c: _Scene):
@@ -420,7 +454,7 @@ def _e_there(c: _Scene):
 def _e_more_than_one(c: _Scene):
     if not c.s.plural:
         return None
-    return f"More than one {c.s.one} is {c.action_or_hyper()}"
+    return f"More than one {c.s.one} is {c.action_or_hyper(sg=True)}"
 
 
 def _e_detail(c: _Scene):
@@ -468,19 +502,20 @@ def _n_only_one(c: _Scene):  # a single subject says nothing about whether other
     if c.s.plural or c.purpose:
         return None
     noun = "dog" if c.s.kind == "dog" else "person"
-    return f"Only one {noun} is {c.f(c.a.text)} {c.p.the}"
+    return f"Only one {noun} is {c.atext(sg=True)} {c.p.the}"
 
 
 def _n_more_than_one(c: _Scene):
     if c.s.plural or c.purpose:
         return None
     noun = "dog" if c.s.kind == "dog" else "person"
-    return f"More than one {noun} is {c.action_or_hyper()}"
+    return f"More than one {noun} is {c.action_or_hyper(sg=True)}"
 
 
 # --- contradiction ---
 def _c_conflict(c: _Scene):
-    return f"{c.pick((c.s.text, c.s.the))} {c.s.be} {c.conflict()}"
+    subject, conflict = c.pick((c.s.text, c.s.the)), c.conflict()
+    return conflict and f"{subject} {c.s.be} {conflict}"
 
 
 def _c_conflict_place(c: _Scene):
@@ -494,7 +529,7 @@ def _c_place(c: _Scene):
     other = c.opposite_place()
     if other is None:
         return None
-    return f"{c.pick((c.s.text, c.s.the))} {c.s.be} {c.f(c.a.text)} {other.text}"
+    return f"{c.pick((c.s.text, c.s.the))} {c.s.be} {c.atext()} {other.text}"
 
 
 def _c_io(c: _Scene):
@@ -510,7 +545,7 @@ def _c_not_io(c: _Scene):
 
 
 def _c_nobody(c: _Scene):
-    return f"{c.s.nobody} is {c.action_or_hyper()}"
+    return f"{c.s.nobody} is {c.action_or_hyper(sg=True)}"
 
 
 def _c_not(c: _Scene):
@@ -524,7 +559,7 @@ def _c_empty(c: _Scene):
 def _c_only_one(c: _Scene):
     if not c.s.plural:
         return None
-    return f"Only one {c.s.one} is {c.f(c.a.text)} {c.p.the}"
+    return f"Only one {c.s.one} is {c.atext(sg=True)} {c.p.the}"
 
 
 def _c_time(c: _Scene):
@@ -928,6 +963,330 @@ FACTS: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]] = {
 }
 
 
+# True statements that share an entity (or a topic) with facts above but answer none of their
+# questions: "Kyoto was the imperial capital of Japan ..." for "What is the capital of Japan?".
+# They only ever appear as negatives, and make the dev/test rankings hard for a zero-shot model.
+DISTRACTORS: dict[str, tuple[str, ...]] = {
+    "Japan": (
+        "Kyoto was the imperial capital of Japan for more than a thousand years.",
+        "Mount Fuji is the highest mountain in Japan.",
+        "The Bank of Japan is the central bank of Japan.",
+    ),
+    "France": (
+        "Versailles was the seat of the French royal court for most of the period from 1682 to 1789.",
+        "Mont Blanc, on the border between France and Italy, is the highest mountain in the Alps.",
+        "The Banque de France is the central bank of France.",
+    ),
+    "Germany": (
+        "Bonn was the capital of West Germany from 1949 to 1990.",
+        "The Zugspitze is the highest mountain in Germany.",
+        "The Deutsche Bundesbank is the central bank of Germany.",
+    ),
+    "Italy": (
+        "Latin was the language of ancient Rome.",
+        "Turin was the first capital of the unified Kingdom of Italy, from 1861 to 1865.",
+        "The Bank of Italy is the central bank of Italy.",
+    ),
+    "Spain": (
+        "Barcelona is the second-largest city in Spain.",
+        "The Bank of Spain is the central bank of Spain.",
+    ),
+    "Portugal": (
+        "Porto, known for port wine, is a major city in northern Portugal.",
+        "The Bank of Portugal is the central bank of Portugal.",
+    ),
+    "the United Kingdom": (
+        "The United Kingdom left the European Union in 2020.",
+        "Edinburgh is the capital of Scotland, one of the four countries of the United Kingdom.",
+        "Ben Nevis, in Scotland, is the highest mountain in the United Kingdom.",
+        "The Bank of England is the central bank of the United Kingdom.",
+    ),
+    "the Netherlands": (
+        "The Hague is the seat of the Dutch government and parliament.",
+        "De Nederlandsche Bank is the central bank of the Netherlands.",
+    ),
+    "Greece": (
+        "The Greek alphabet has 24 letters.",
+        "Thessaloniki is the second-largest city in Greece.",
+        "Mount Olympus is the highest mountain in Greece.",
+    ),
+    "Poland": (
+        "Poland joined the European Union in 2004 but has not adopted the euro.",
+        "Kraków was the capital of Poland until the end of the 16th century.",
+        "The National Bank of Poland is the central bank of Poland.",
+    ),
+    "Sweden": (
+        "Sweden voted against adopting the euro in a referendum in 2003.",
+        "Gothenburg is the second-largest city in Sweden.",
+        "Sveriges Riksbank, the central bank of Sweden, is one of the oldest central banks in the world.",
+    ),
+    "Norway": (
+        "Norwegian voters rejected membership of the European Union in 1972 and 1994.",
+        "Bergen is the second-largest city in Norway.",
+        "Norges Bank is the central bank of Norway.",
+    ),
+    "Denmark": (
+        "Denmark negotiated an opt-out from adopting the euro.",
+        "Aarhus is the second-largest city in Denmark.",
+        "Danmarks Nationalbank is the central bank of Denmark.",
+    ),
+    "Finland": (
+        "Turku is the oldest city in Finland.",
+        "The Bank of Finland is the central bank of Finland.",
+    ),
+    "Russia": (
+        "Saint Petersburg was the capital of the Russian Empire for most of the period from 1712 to 1918.",
+        "The Bank of Russia is the central bank of Russia.",
+    ),
+    "China": (
+        "Chinese characters have been in use for more than three thousand years.",
+        "Nanjing served as the capital of China under several dynasties and governments.",
+        "Shanghai is the largest city in China.",
+        "The People's Bank of China is the central bank of China.",
+    ),
+    "South Korea": (
+        "Busan is the second-largest city in South Korea.",
+        "The Bank of Korea is the central bank of South Korea.",
+    ),
+    "India": (
+        "Sanskrit is a classical language of India.",
+        "Kolkata, then called Calcutta, was the capital of British India until 1911.",
+        "Mumbai is the financial centre of India.",
+        "The Reserve Bank of India is the central bank of India.",
+    ),
+    "Thailand": (
+        "Ayutthaya was the capital of the Kingdom of Siam for more than four hundred years.",
+        "The Bank of Thailand is the central bank of Thailand.",
+    ),
+    "Vietnam": (
+        "Ho Chi Minh City is the largest city in Vietnam.",
+        "Hue was the capital of Vietnam under the Nguyen dynasty.",
+    ),
+    "Egypt": (
+        "Alexandria, founded by Alexander the Great, is the second-largest city in Egypt.",
+        "The pyramids of Giza in Egypt were built as tombs for pharaohs.",
+    ),
+    "Kenya": (
+        "Mombasa is the main port of Kenya.",
+        "Mount Kenya is the highest mountain in Kenya.",
+    ),
+    "Nigeria": (
+        "Lagos is the largest city in Nigeria.",
+    ),
+    "Morocco": (
+        "Casablanca is the largest city in Morocco.",
+        "Marrakesh was the capital of several Moroccan dynasties.",
+    ),
+    "Ghana": (
+        "Kumasi is the capital of the Ashanti Region of Ghana.",
+        "The Bank of Ghana is the central bank of Ghana.",
+    ),
+    "the United States": (
+        "Philadelphia served as the temporary capital of the United States from 1790 to 1800.",
+        "New York City is the most populous city in the United States.",
+        "The Federal Reserve is the central bank of the United States.",
+    ),
+    "Canada": (
+        "Toronto is the largest city in Canada.",
+        "Quebec City is the capital of the Canadian province of Quebec.",
+        "The Bank of Canada is the central bank of Canada.",
+    ),
+    "Mexico": (
+        "Monterrey is a large industrial city in northern Mexico.",
+        "The Bank of Mexico is the central bank of Mexico.",
+    ),
+    "Brazil": (
+        "Rio de Janeiro was the capital of Brazil until 1960.",
+        "São Paulo is the largest city in Brazil.",
+    ),
+    "Argentina": (
+        "Córdoba is the second-largest city in Argentina.",
+        "Aconcagua, in Argentina, is the highest mountain in the Americas.",
+    ),
+    "Chile": (
+        "Valparaíso is home to the National Congress of Chile.",
+        "The Atacama Desert in northern Chile is one of the driest places on Earth.",
+    ),
+    "Peru": (
+        "Cusco was the capital of the Inca Empire.",
+        "Machu Picchu is a 15th-century Inca citadel in the Andes of Peru.",
+    ),
+    "Colombia": (
+        "Medellín is the second-largest city in Colombia.",
+        "Cartagena is a port city on the Caribbean coast of Colombia.",
+    ),
+    "Australia": (
+        "Melbourne was the seat of the Australian federal government from 1901 to 1927.",
+        "Sydney is the oldest city in Australia.",
+        "The Reserve Bank of Australia is the central bank of Australia.",
+    ),
+    "New Zealand": (
+        "Auckland is the largest city in New Zealand.",
+        "Auckland was the capital of New Zealand from 1841 to 1865.",
+    ),
+    "Turkey": (
+        "Istanbul, formerly Constantinople, was the capital of the Ottoman Empire.",
+        "The Central Bank of the Republic of Turkey is the central bank of Turkey.",
+    ),
+    "Saudi Arabia": (
+        "Jeddah is a major port city on the Red Sea coast of Saudi Arabia.",
+        "Mecca, in Saudi Arabia, is the holiest city in Islam.",
+    ),
+    "Iran": (
+        "Isfahan was the capital of Persia under the Safavid dynasty.",
+        "Mount Damavand is the highest mountain in Iran.",
+    ),
+    "Pakistan": (
+        "Karachi was the first capital of Pakistan and is its largest city.",
+        "The State Bank of Pakistan is the central bank of Pakistan.",
+    ),
+    "Switzerland": (
+        "Switzerland is not a member of the European Union.",
+        "Zurich is the largest city in Switzerland.",
+        "Geneva is home to the European headquarters of the United Nations.",
+        "The Swiss National Bank is the central bank of Switzerland.",
+    ),
+    "Austria": (
+        "Graz is the second-largest city in Austria.",
+        "Salzburg, in Austria, is the birthplace of Wolfgang Amadeus Mozart.",
+    ),
+    "Hungary": (
+        "Hungary joined the European Union in 2004 but has not adopted the euro.",
+        "Lake Balaton in Hungary is the largest lake in Central Europe.",
+        "The Hungarian National Bank is the central bank of Hungary.",
+    ),
+    "the Czech Republic": (
+        "The Czech Republic joined the European Union in 2004 but has not adopted the euro.",
+        "Brno is the second-largest city in the Czech Republic.",
+        "The Czech National Bank is the central bank of the Czech Republic.",
+    ),
+    "the Philippines": (
+        "Quezon City is the most populous city in the Philippines and was the national capital from 1948 to 1976.",
+    ),
+    "Cuba": (
+        "Santiago de Cuba is the second-largest city in Cuba.",
+    ),
+    "Ukraine": (
+        "Kharkiv was the capital of Soviet Ukraine from 1919 to 1934.",
+        "Lviv is a major cultural centre in western Ukraine.",
+    ),
+    "Iceland": (
+        "Iceland is not a member of the European Union.",
+        "The Althing, the parliament of Iceland, was founded in 930 and is one of the oldest parliaments in the world.",
+    ),
+    "Malaysia": (
+        "Putrajaya is the administrative centre of the federal government of Malaysia.",
+        "Bank Negara Malaysia is the central bank of Malaysia.",
+    ),
+    # elements
+    "hydrogen": (
+        "Hydrogen is the most abundant element in the universe.",
+    ),
+    "helium": (
+        "Helium is lighter than air and is used to fill balloons.",
+    ),
+    "lithium": (
+        "Lithium is used in rechargeable batteries.",
+    ),
+    "carbon": (
+        "Diamond and graphite are both forms of pure carbon.",
+    ),
+    "nitrogen": (
+        "Nitrogen makes up about 78 percent of the Earth's atmosphere.",
+    ),
+    "oxygen": (
+        "Oxygen makes up about 21 percent of the Earth's atmosphere.",
+    ),
+    "fluorine": (
+        "Fluorine is the most reactive of all the chemical elements.",
+    ),
+    "neon": (
+        "Neon glows a bright reddish orange in advertising signs.",
+    ),
+    "sodium": (
+        "Sodium and chlorine together form sodium chloride, or table salt.",
+    ),
+    "magnesium": (
+        "Magnesium burns with a brilliant white flame.",
+    ),
+    "aluminium": (
+        "Aluminium is the most abundant metal in the Earth's crust.",
+    ),
+    "silicon": (
+        "Silicon is widely used to make computer chips.",
+    ),
+    "phosphorus": (
+        "Phosphorus was discovered in 1669 by the German alchemist Hennig Brand.",
+    ),
+    "sulfur": (
+        "Sulfur is a yellow solid that is often found near volcanoes.",
+    ),
+    "chlorine": (
+        "Chlorine is used to disinfect drinking water and swimming pools.",
+    ),
+    "potassium": (
+        "Potassium is a soft metal that reacts strongly with water.",
+    ),
+    "calcium": (
+        "Calcium is an important part of bones and teeth.",
+    ),
+    "iron": (
+        "Iron is the main component of steel.",
+    ),
+    "copper": (
+        "Copper is an excellent conductor of electricity and is used in electrical wiring.",
+    ),
+    "zinc": (
+        "Zinc is used to coat steel to protect it from rust.",
+    ),
+    "silver": (
+        "Silver conducts electricity better than any other metal.",
+    ),
+    "tin": (
+        "Tin is mixed with copper to make bronze.",
+    ),
+    "gold": (
+        "Gold is a soft, dense metal that does not tarnish.",
+    ),
+    "mercury": (
+        "Mercury is the only metal that is liquid at room temperature.",
+    ),
+    "lead": (
+        "Lead is a heavy, soft metal that was once widely used for water pipes.",
+    ),
+    "uranium": (
+        "Uranium is used as fuel in nuclear power stations.",
+    ),
+    # topics of the other facts
+    "facts:planets": (
+        "Pluto was reclassified as a dwarf planet in 2006.",
+        "Jupiter has more than ninety known moons.",
+        "Venus rotates in the opposite direction to most planets.",
+    ),
+    "facts:animals": (
+        "The blue whale feeds mainly on tiny crustaceans called krill.",
+        "Emperor penguins are the largest living species of penguin.",
+    ),
+    "facts:discoveries": (
+        "Thomas Edison developed a long-lasting incandescent light bulb in 1879.",
+        "Alexander Graham Bell was born in Edinburgh, Scotland, in 1847.",
+    ),
+    "facts:books": (
+        "Romeo and Juliet is a tragedy by William Shakespeare.",
+        "Jane Austen's novel Emma was published in 1815.",
+        "Animal Farm is a novella by George Orwell, published in 1945.",
+    ),
+    "facts:geography": (
+        "K2 is the second-highest mountain in the world.",
+        "The Atlantic is the second-largest of the Earth's oceans.",
+    ),
+    "facts:science": (
+        "Water is made of hydrogen and oxygen.",
+        "The human heart beats about 100,000 times a day.",
+    ),
+}
+
+
 @dataclass(frozen=True)
 class _Fact:
     stratum: str  # hold-out stratum: "country:capital", "element:symbol", "facts:planets"...
@@ -947,14 +1306,14 @@ def _possessive(name: str) -> str:
 def _knowledge_base() -> list[_Fact]:
     facts: list[_Fact] = []
     currency_templates = ("The currency of {n} is the {c}.", "The official currency of {n} is the {c}.",
-                          "{N} uses the {c} as its currency.")
+                          "{N} uses the {c} as its currency.", "In {n}, people pay with the {c}.")
     for i, c in enumerate(COUNTRIES):
         n, N = c.name, _cap(c.name)
         facts.append(_Fact("country:capital", n, (
             f"What is the capital of {n}?", f"Which city is the capital of {n}?",
             f"What is the capital city of {n}?", f"What city is {_possessive(n)} capital?",
             f"{c.capital} is the capital of which country?"), (c.capital_passage,)))
-        currency = c.currency_passage or currency_templates[i % 3].format(n=n, N=N, c=c.currency)
+        currency = c.currency_passage or currency_templates[i % len(currency_templates)].format(n=n, N=N, c=c.currency)
         facts.append(_Fact("country:currency", n, (
             f"What is the currency of {n}?", f"What currency is used in {n}?",
             f"What money do people use in {n}?", f"What is {_possessive(n)} currency?"), (currency,)))
@@ -1020,17 +1379,20 @@ def build_rerank(seed: int = SEED, n_train: int = 250, n_dev: int = 60, n_test: 
     rng.shuffle(train_rows)
     out = {"train": pd.DataFrame(train_rows, columns=["query", "positive"])}
 
-    all_passages = sorted({p for fact in facts for p in fact.passages})
+    all_passages = sorted({p for fact in facts for p in fact.passages} | {p for ds in DISTRACTORS.values() for p in ds})
     for split in ("dev", "test"):
         rows = []
         for fact in held[split]:
             query = rng.choice(fact.questions)
             positives = list(fact.passages)
+            # hard: true statements about the same entity or topic, other attributes of the same entity,
+            # the same attribute of other entities; easy: anything else.
+            related = list(DISTRACTORS.get(fact.entity, ())) + list(DISTRACTORS.get(fact.stratum, ()))
             same_entity = [p for f in facts if f.entity == fact.entity and f is not fact for p in f.passages]
             same_kind = [p for f in strata[fact.stratum] if f is not fact for p in f.passages]
             n_neg = rng.randint(10, 15)
             negatives: list[str] = []
-            for pool, k in ((same_entity, 3), (same_kind, 5), (all_passages, n_neg)):
+            for pool, k in ((related, 4), (same_entity, 3), (same_kind, 5), (all_passages, n_neg)):
                 pool = [p for p in pool if p not in positives and p not in negatives]
                 take = min(k, n_neg - len(negatives), len(pool))
                 negatives.extend(rng.sample(pool, take))
