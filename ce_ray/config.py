@@ -303,6 +303,12 @@ class ScalingConfig(_Section):
     gpus_per_worker: float = Field(
         1.0, gt=0, description="GPUs per worker when use_gpu; a fraction (0.25) packs several small trials on one GPU."
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How workers are placed on nodes (Ray placement-group strategy): PACK fills few nodes; SPREAD "
+        "puts workers on different nodes when it can (a node failure costs fewer workers); STRICT_* fail instead "
+        "of falling back.",
+    )
 
 
 class RunConfig(_Section):

@@ -96,8 +96,19 @@ def check_model(cfg: ModelConfig) -> None:
 
 
 def resolve_model_dir(path: str) -> str:
-    """A model directory, or a train/tune ``output_dir`` (its ``best/``, else ``final/``); others unchanged."""
+    """A model directory, or a train/tune ``output_dir`` (its ``best/``, else ``final/``); others unchanged.
+
+    Remote locations (``s3://``, ``gs://``) are downloaded once into a node-local cache.
+    """
+    from ce_ray import storage
+
     path = resolve_model_name(path)
+    if "://" in path and not storage.is_local(path):
+        for candidate in (path, storage.join(path, "best"), storage.join(path, "final")):
+            if storage.exists(storage.join(candidate, "config.json")):
+                return storage.download_dir(candidate)
+        raise FileNotFoundError(f"{path} holds no model (config.json), nor best/ or final/ with one")
+    path = storage.resolve_uri(path) if path.startswith("file://") else path
     if is_model_dir(path):
         return path
     for sub in ("best", "final"):

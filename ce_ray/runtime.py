@@ -42,4 +42,5 @@ def ensure_ray() -> None:
         ray.init(log_to_driver=True)
         return
     env_vars = {key: os.environ[key] for key in PROPAGATED_ENV if key in os.environ}
-    ray.init(runtime_env={"env_vars": env_vars}, include_dashboard=False, log_to_driver=True)
+    # The dashboard stays on (127.0.0.1 only): Ray Train's cleanup actor queries actor state through it.
+    ray.init(runtime_env={"env_vars": env_vars}, log_to_driver=True)

@@ -40,11 +40,15 @@ def is_local(uri: str) -> bool:
 
 
 def resolve_uri(uri: str) -> str:
-    """Absolute form of a location: local paths become absolute paths, URIs stay as they are."""
+    """Absolute form of a location: local paths become absolute paths, URIs stay as they are.
+
+    A URI's query (``s3://bucket/p?endpoint_override=host:9000``) is kept after the path.
+    """
     if uri.startswith("file://"):
         return uri[len("file://") :] or "/"
     if "://" in uri:
-        return uri.rstrip("/")
+        path, sep, query = uri.partition("?")
+        return path.rstrip("/") + sep + query
     return str(Path(uri).expanduser().resolve())
 
 
@@ -56,9 +60,9 @@ def filesystem_and_path(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def join(uri: str, *parts: str) -> str:
-    """Join path parts onto a path or URI."""
-    base = resolve_uri(uri) if is_local(uri) else uri.rstrip("/")
-    return "/".join([base, *[p.strip("/") for p in parts]])
+    """Join path parts onto a path or URI (before a URI's ``?query``)."""
+    base, sep, query = resolve_uri(uri).partition("?")
+    return "/".join([base, *[p.strip("/") for p in parts]]) + sep + query
 
 
 def exists(uri: str) -> bool:
@@ -109,7 +113,7 @@ def publish_dir(local_dir: str, uri: str) -> str:
     Returns:
         The resolved destination.
     """
-    dest = resolve_uri(uri) if is_local(uri) else uri.rstrip("/")
+    dest = resolve_uri(uri)
     if is_local(uri):
         parent = os.path.dirname(dest)
         os.makedirs(parent, exist_ok=True)
@@ -150,6 +154,7 @@ def download_dir(uri: str, local_dir: str | None = None) -> str:
         return local_dir
     os.makedirs(os.path.dirname(local_dir), exist_ok=True)
     tmp = f"{local_dir}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)  # copy_files creates the subdirectories it copies, not the target itself
     fs, path = filesystem_and_path(uri)
     pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     try:

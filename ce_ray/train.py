@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import resource
 import shutil
 import socket
 import tempfile
@@ -199,6 +200,12 @@ class _CountingEvaluator(SequentialEvaluator):
         return metrics
 
 
+def _peak_gpu_gib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
 def _param_checksum(model) -> str:
     """SHA-256 over all parameters (to show DDP ranks end with identical weights)."""
     digest = hashlib.sha256()
@@ -221,7 +228,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     task = TASKS[job.task]
 
-    # [2] Model: loaded on CPU; the trainer moves it to this worker's device.
+    # [2] Model: loaded on CPU; the trainer moves it to this worker's device. On CPU, use the cores
+    #     this worker reserved (Ray would otherwise leave torch with one thread).
+    if not job.scaling.use_gpu:
+        import torch
+
+        torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
     model = load_cross_encoder(job.model, job.task, device="cpu")
 
     # [3] Data: memory-mapped Arrow files; HF's distributed sampler hands this rank its shard.
@@ -282,6 +294,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "step_seconds": timer.step_seconds,
         "samples_per_second": counter.rows / timer.step_seconds if timer.step_seconds else None,
         "evaluations_run": evaluator.calls,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mem_gib": _peak_gpu_gib(),
         "param_checksum": _param_checksum(trainer.model),
         "wall_s": time.time() - started,
     }
@@ -316,7 +330,12 @@ def make_trainer(
         train_loop_per_worker,
         train_loop_config={"job": job.to_dict(), "data": prepared.to_dict(), "stats_dir": stats_dir},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=s.placement_strategy,
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
@@ -407,6 +426,8 @@ def summarize(job: JobConfig, result, prepared: PreparedData, workers: list[dict
         "use_gpu": job.scaling.use_gpu,
         "steps_per_worker": [w.get("global_step") for w in workers],
         "rows_per_worker": [w.get("rows_seen") for w in workers],
+        "peak_rss_mib_per_worker": [round(w.get("peak_rss_mib") or 0) for w in workers],
+        "peak_gpu_mem_gib_per_worker": [w.get("peak_gpu_mem_gib") for w in workers],
         "nodes": sorted({w.get("node_id") for w in workers if w.get("node_id")}),
         "train_rows": prepared.train.rows,
         "eval_rows": prepared.eval.rows,
