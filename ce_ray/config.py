@@ -291,6 +291,12 @@ class TrainConfig(_Section):
     seed: int = Field(12, description="Random seed (model head init, shuffling).")
     eval_batch_size: int = Field(64, ge=1, description="Batch size of the evaluator.")
     dataloader_workers: int = Field(0, ge=0, description="DataLoader worker processes per training worker.")
+    group_by_length: bool = Field(
+        True,
+        description="Batch rows of similar length (less padding, faster); ignored for MultipleNegativesRankingLoss, "
+        "whose batches avoid duplicate texts instead. false = plain random batches.",
+    )
+    compile: bool = Field(False, description="torch.compile the model (worth it on GPUs for long runs).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,7 +397,7 @@ class ServeConfig(_Section):
     max_batch_tokens: int | None = Field(
         None,
         ge=8,
-        description="Padded tokens (pairs x longest pair) per forward pass; default 4096 on CPU, 32768 on GPU. "
+        description="Padded tokens (pairs x longest pair) per forward pass; default 1024 on CPU, 32768 on GPU. "
         "Pairs are sorted by length, so long pairs run in small passes and short ones in large passes.",
     )
     max_batch_requests: int = Field(
@@ -653,8 +659,12 @@ def describe_keys() -> list[tuple[str, str, str]]:
             if sub is not None and sub not in (LossConfig, DataSource):
                 walk(sub, key + ".")
                 continue
-            default = field.get_default(call_default_factory=True)
-            rows.append((key, "" if default is None else json.dumps(default, default=str), field.description or ""))
+            if field.is_required():
+                shown = "(required)"
+            else:
+                default = field.get_default(call_default_factory=True)
+                shown = "" if default is None else json.dumps(default, default=str)
+            rows.append((key, shown, field.description or ""))
             if sub in (LossConfig, DataSource):
                 walk(sub, key + ".")
 

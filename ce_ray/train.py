@@ -69,8 +69,14 @@ def training_arguments(job: JobConfig, world_size: int, output_dir: str, resumin
     from sentence_transformers.base.sampler import BatchSamplers
     from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
 
+    from ce_ray.batching import LengthGroupedBatchSampler
+
     t, run = job.train, job.run
     in_batch = job.loss.name == "MultipleNegativesRankingLoss"
+    if in_batch:  # in-batch negatives must not be duplicates of the positive
+        sampler = BatchSamplers.NO_DUPLICATES
+    else:
+        sampler = LengthGroupedBatchSampler if t.group_by_length else BatchSamplers.BATCH_SAMPLER
     return CrossEncoderTrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=t.batch_size // world_size,
@@ -100,8 +106,8 @@ def training_arguments(job: JobConfig, world_size: int, output_dir: str, resumin
         logging_steps=max(1, min(run.checkpoint_every, 50)),
         report_to="none",
         disable_tqdm=True,
-        # In-batch negatives must not be duplicates of the positive.
-        batch_sampler=BatchSamplers.NO_DUPLICATES if in_batch else BatchSamplers.BATCH_SAMPLER,
+        batch_sampler=sampler,
+        torch_compile=t.compile,
     )
 
 
