@@ -412,7 +412,7 @@ class ServeConfig(_Section):
     min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest replicas.")
     max_replicas: int = Field(4, ge=1, description="Autoscaling: most replicas.")
     target_ongoing_requests: int = Field(32, ge=1, description="Autoscaling: ongoing requests per replica to aim for.")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per model replica.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per model replica (on CPU also its torch threads, rounded).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions allowed).")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="auto = fp16 on GPU, fp32 on CPU."

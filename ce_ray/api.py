@@ -1,0 +1,270 @@
+"""The HTTP API of ``ce-ray serve``: request and response models, limits and errors.
+
+The models are the spec. FastAPI validates every request against them (a wrong type, a missing or
+unknown field, an empty text → 422 naming the field) and publishes them at ``/docs``. Limits that
+depend on the server's config (documents per request, characters per text) are checked by
+:func:`check_rerank` / :func:`check_predict` (→ 413). Every error the API returns has one shape::
+
+    {"error": {"type": "too_large", "field": "documents", "message": "documents: 1200 documents, at most 1000"}}
+
+``/rerank`` follows the Cohere/Infinity shape: request ``{query, documents, top_n?, return_documents?}``,
+response ``{results: [{index, relevance_score, document?}], model, usage}`` sorted by score.
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from ce_ray.config import ServeConfig
+
+__all__ = [
+    "ApiError",
+    "ErrorResponse",
+    "HealthResponse",
+    "InfoResponse",
+    "PredictRequest",
+    "PredictResponse",
+    "PredictResult",
+    "RerankRequest",
+    "RerankResponse",
+    "RerankResult",
+    "ServeStats",
+    "check_predict",
+    "check_rerank",
+    "field_name",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+class ApiError(Exception):
+    """A request the API refuses: HTTP status, a short machine-readable type, the field at fault.
+
+    Raised by the checks below and by the model deployment; the ingress maps it to
+    :class:`ErrorResponse` in one exception handler. ``message`` is written for clients: it never
+    contains exception text.
+    """
+
+    def __init__(
+        self,
+        status_code: int,
+        type: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status_code = status_code
+        self.type = type
+        self.message = message
+        self.field = field
+        self.headers = headers
+
+    def __reduce__(self):  # keep every attribute when the error crosses a Ray process boundary
+        return (ApiError, (self.status_code, self.type, self.message, self.field, self.headers))
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="Dotted path of the field in the request body, e.g. documents.3.")
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(
+        description="invalid_request, invalid_json, too_large, unauthorized, model_not_found, "
+        "wrong_model_kind, not_found, overloaded or internal_error."
+    )
+    message: str = Field(description="What was wrong, naming the field.")
+    field: str | None = Field(None, description="The (first) field at fault; 'body' for the body as a whole.")
+    errors: list[FieldError] | None = Field(None, description="Every field error, for validation errors.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx answer."""
+
+    error: ErrorDetail
+
+
+def field_name(loc: tuple | list) -> str:
+    """A validation error location as a dotted field name: ``("body", "documents", 3)`` → ``documents.3``."""
+    parts = [str(p) for p in loc]
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+# --------------------------------------------------------------------------------------------
+# requests and responses
+# --------------------------------------------------------------------------------------------
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_not_blank)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = Field(
+        None,
+        description="Model to use. Optional; when given it must name the served model (see GET /info), else 404.",
+    )
+
+
+class RerankRequest(_Request):
+    """Score each document against the query; results come back best first."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "query": "How many people live in Berlin?",
+                    "documents": [
+                        "Berlin has a population of 3,520,031 registered inhabitants.",
+                        "Berlin is well known for its museums.",
+                    ],
+                    "top_n": 1,
+                    "return_documents": True,
+                }
+            ]
+        },
+    )
+    query: Text = Field(description="The search query.")
+    documents: list[Text] = Field(
+        min_length=1, description="Texts to rank (at most serve.max_documents; see GET /info)."
+    )
+    top_n: StrictInt | None = Field(None, ge=1, description="Return only the best N results (default: all).")
+    return_documents: StrictBool = Field(False, description="Include each document's text in its result.")
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="Position of the document in the request.")
+    relevance_score: float = Field(description="Relevance in [0, 1] (sigmoid of the logit, as CrossEncoder.rank).")
+    document: str | None = Field(None, description="The document text, when return_documents was true.")
+
+
+class RerankUsage(BaseModel):
+    documents: int = Field(description="Documents scored.")
+    total_tokens: int = Field(description="Tokens the model read (query + document pairs, after truncation).")
+    truncated_documents: int = Field(
+        description="Pairs longer than the model's max length (see GET /info); they were cut to fit."
+    )
+
+
+class RerankResponse(BaseModel):
+    results: list[RerankResult]
+    model: str = Field(description="The served model.")
+    usage: RerankUsage
+
+
+class PredictRequest(_Request):
+    """Classify text pairs (NLI: premise, hypothesis) with the model's labels."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"pairs": [["A man is eating pizza", "A man eats something"], ["A cat sleeps", "A dog barks"]]}
+            ]
+        },
+    )
+    pairs: list[Annotated[list[Text], Field(min_length=2, max_length=2)]] = Field(
+        min_length=1, description="[first, second] text pairs (at most serve.max_pairs; see GET /info)."
+    )
+
+
+class PredictResult(BaseModel):
+    label: str | None = Field(None, description="Most likely class name (classifiers only).")
+    label_id: int | None = Field(None, description="Its index (classifiers only).")
+    score: float = Field(description="Probability of that class; for 1-output models the sigmoid score.")
+    probabilities: dict[str, float] | None = Field(None, description="Softmax probability of every class.")
+
+
+class PredictUsage(BaseModel):
+    pairs: int
+    total_tokens: int = Field(description="Tokens the model read, after truncation.")
+    truncated_pairs: int = Field(description="Pairs longer than the model's max length; they were cut to fit.")
+
+
+class PredictResponse(BaseModel):
+    results: list[PredictResult] = Field(description="One result per pair, in request order.")
+    model: str
+    usage: PredictUsage
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "unavailable"]
+    model: str | None = None
+
+
+class ServeStats(BaseModel):
+    """Counters of one model replica since it started (they show whether batching merges requests)."""
+
+    replica: str
+    requests: int = Field(description="Requests scored.")
+    pairs: int = Field(description="Pairs scored.")
+    batches: int = Field(description="Cross-request batches (@serve.batch calls).")
+    max_requests_per_batch: int
+    forward_passes: int
+    mixed_forward_passes: int = Field(description="Forward passes that held pairs of more than one request.")
+    truncated_pairs: int
+    peak_rss_mb: float = Field(description="Peak resident memory of the replica process.")
+    peak_gpu_mb: float | None = Field(None, description="Peak GPU memory allocated by torch (GPU replicas).")
+
+
+class InfoResponse(BaseModel):
+    model: str = Field(description="Name of the served model (accepted in the request's model field).")
+    model_path: str = Field(description="Directory (or hub id) the model was loaded from.")
+    task: str = Field(description="rerank (1 output: use /rerank) or nli/classification (use /predict).")
+    num_labels: int
+    labels: list[str] | None = Field(None, description="Class names, index = label id (classifiers).")
+    max_length: int = Field(description="Tokens per pair; longer pairs are truncated (and counted in usage).")
+    device: str
+    precision: str
+    limits: dict[str, Any] = Field(description="max_documents, max_pairs, max_text_chars and the batching settings.")
+    stats: ServeStats
+
+
+# --------------------------------------------------------------------------------------------
+# limits that depend on the server config
+# --------------------------------------------------------------------------------------------
+def _too_large(field: str, message: str) -> ApiError:
+    return ApiError(413, "too_large", f"{field}: {message}", field=field)
+
+
+def _check_text(field: str, text: str, cfg: ServeConfig) -> None:
+    if len(text) > cfg.max_text_chars:
+        raise _too_large(field, f"{len(text)} characters, at most {cfg.max_text_chars} (serve.max_text_chars)")
+
+
+def _check_model(requested: str | None, served: set[str], name: str) -> None:
+    if requested is not None and requested not in served:
+        message = f"model: not served here; this server serves {name!r} (see GET /info)"
+        raise ApiError(404, "model_not_found", message, field="model")
+
+
+def check_rerank(request: RerankRequest, cfg: ServeConfig, served: set[str], name: str) -> None:
+    """Raise :class:`ApiError` (413/404) when ``request`` is over the limits or names another model."""
+    _check_model(request.model, served, name)
+    if len(request.documents) > cfg.max_documents:
+        raise _too_large(
+            "documents", f"{len(request.documents)} documents, at most {cfg.max_documents} (serve.max_documents)"
+        )
+    _check_text("query", request.query, cfg)
+    for i, doc in enumerate(request.documents):
+        _check_text(f"documents.{i}", doc, cfg)
+
+
+def check_predict(request: PredictRequest, cfg: ServeConfig, served: set[str], name: str) -> None:
+    """Raise :class:`ApiError` (413/404) when ``request`` is over the limits or names another model."""
+    _check_model(request.model, served, name)
+    if len(request.pairs) > cfg.max_pairs:
+        raise _too_large("pairs", f"{len(request.pairs)} pairs, at most {cfg.max_pairs} (serve.max_pairs)")
+    for i, pair in enumerate(request.pairs):
+        for j, text in enumerate(pair):
+            _check_text(f"pairs.{i}.{j}", text, cfg)

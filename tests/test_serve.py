@@ -1,0 +1,351 @@
+"""ce-ray serve end to end: real HTTP (httpx) against a real local Ray Serve, started once for the module.
+
+Two apps run side by side on one free port: a reranker (1 output, API key on) at ``/`` and an NLI
+classifier (3 labels, no key) at ``/nli``. Both are the tiny random BERT from conftest, so scores are
+checked against ``CrossEncoder.rank`` / ``predict_pairs`` on the same weights, not against real quality.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import torch
+
+from ce_ray.config import ServeConfig
+
+pytestmark = pytest.mark.timeout(300)
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+QUERY = "How many people live in Berlin?"
+DOCS = [
+    "Berlin is the capital of Germany.",
+    "The cat sat on the mat.",
+    "Paris has many museums and a tower.",
+    "Berlin has 3.7 million inhabitants according to the census.",
+    "Bananas are yellow.",
+    "How many people live in Berlin? Lots of them.",
+]
+PAIRS = [["A man is eating pizza", "A man eats something"], ["A cat sleeps", "A dog barks loudly at night"]]
+LIMITS = {"max_documents": 50, "max_pairs": 50, "max_text_chars": 5000}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tiny_model, tmp_path_factory):
+    """A reranker (1 output, head widened so scores differ clearly) and a 3-label NLI model."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    out = tmp_path_factory.mktemp("serve_models")
+    reranker = CrossEncoder(tiny_model, num_labels=1)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        head = reranker.model.classifier
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 5)
+        head.bias.zero_()
+    reranker.save(str(out / "rerank"))
+    nli = CrossEncoder(tiny_model, num_labels=3, model_kwargs={"ignore_mismatched_sizes": True})  # fresh 3-way head
+    labels = ["entailment", "neutral", "contradiction"]
+    nli.model.config.id2label = dict(enumerate(labels))
+    nli.model.config.label2id = {label: i for i, label in enumerate(labels)}
+    nli.save(str(out / "nli"))
+    return SimpleNamespace(rerank=str(out / "rerank"), nli=str(out / "nli"))
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, model_dirs):
+    from ray import serve
+
+    from ce_ray.serve import start_server, stop_server, wait_until_ready
+
+    port = _free_port()
+    common = dict(port=port, num_cpus=0.5, max_batch_size=16, batch_wait_timeout_s=0.2, **LIMITS)
+    rerank_url = start_server(  # both apps start in parallel, then wait for both
+        ServeConfig(model=model_dirs.rerank, model_name="tiny-reranker", api_key=KEY, **common),
+        name="test-rerank",
+        wait=False,
+        access_log=False,
+    )
+    nli_url = start_server(
+        ServeConfig(model=model_dirs.nli, route_prefix="/nli", **common), name="test-nli", wait=False, access_log=False
+    )
+    wait_until_ready(rerank_url, "test-rerank")
+    wait_until_ready(nli_url, "test-nli")
+    yield SimpleNamespace(rerank=rerank_url, nli=nli_url, serve=serve)
+    stop_server()
+
+
+def _post(url: str, body=None, *, content: bytes | None = None, headers: dict | None = None) -> httpx.Response:
+    if content is not None:
+        headers = {"content-type": "application/json", **(headers or {})}
+        return httpx.post(url, content=content, headers=headers, timeout=30)
+    return httpx.post(url, json=body, headers=headers, timeout=30)
+
+
+def _stats(server) -> dict:
+    response = httpx.get(f"{server.rerank}/info", headers=AUTH, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["stats"]
+
+
+# --------------------------------------------------------------------------------------------
+# correct answers
+# --------------------------------------------------------------------------------------------
+def test_rerank_matches_crossencoder_rank(server, model_dirs):
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    expected = CrossEncoder(model_dirs.rerank).rank(QUERY, DOCS)
+    scores = sorted(r["score"] for r in expected)
+    assert min(b - a for a, b in zip(scores, scores[1:])) > 1e-5  # the order below is meaningful
+
+    response = _post(f"{server.rerank}/rerank", {"query": QUERY, "documents": DOCS}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [r["index"] for r in body["results"]] == [r["corpus_id"] for r in expected]
+    for got, want in zip(body["results"], expected):
+        assert got["relevance_score"] == pytest.approx(want["score"], abs=1e-5)
+        assert "document" not in got
+    assert body["model"] == "tiny-reranker"
+    assert body["usage"]["documents"] == len(DOCS)
+    assert body["usage"]["truncated_documents"] == 0
+    assert body["usage"]["total_tokens"] > len(DOCS) * 5
+
+
+def test_rerank_top_n_and_return_documents(server):
+    full = _post(f"{server.rerank}/rerank", {"query": QUERY, "documents": DOCS}, headers=AUTH).json()["results"]
+    response = _post(
+        f"{server.rerank}/rerank",
+        {"query": QUERY, "documents": DOCS, "top_n": 2, "return_documents": True, "model": "tiny-reranker"},
+        headers=AUTH,
+    )
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["index"] for r in results] == [r["index"] for r in full[:2]]
+    assert [r["document"] for r in results] == [DOCS[r["index"]] for r in full[:2]]
+
+
+def test_long_document_is_truncated_and_reported(server, model_dirs):
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    long_doc = " ".join(["population"] * 400)  # > the tiny model's 256 tokens, < max_text_chars
+    docs = [DOCS[0], long_doc]
+    response = _post(f"{server.rerank}/rerank", {"query": QUERY, "documents": docs}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["usage"]["truncated_documents"] == 1
+    expected = {r["corpus_id"]: r["score"] for r in CrossEncoder(model_dirs.rerank).rank(QUERY, docs)}
+    for result in body["results"]:
+        assert result["relevance_score"] == pytest.approx(expected[result["index"]], abs=1e-5)
+
+
+def test_predict_returns_labels_and_probabilities(server, model_dirs):
+    from ce_ray.modeling import load_for_inference, predict_pairs
+
+    expected = predict_pairs(load_for_inference(model_dirs.nli), [tuple(p) for p in PAIRS])
+    response = _post(f"{server.nli}/predict", {"pairs": PAIRS})  # this app has no API key
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["results"]) == len(PAIRS)
+    for got, want in zip(body["results"], expected):
+        assert got["label"] == want["label"] and got["label_id"] == want["label_id"]
+        assert set(got["probabilities"]) == {"entailment", "neutral", "contradiction"}
+        for name, p in want["probabilities"].items():
+            assert got["probabilities"][name] == pytest.approx(p, abs=1e-5)
+    assert body["usage"] == {"pairs": 2, "total_tokens": body["usage"]["total_tokens"], "truncated_pairs": 0}
+
+
+def test_health_info_and_docs(server):
+    assert httpx.get(f"{server.rerank}/health").json() == {"status": "ok", "model": "tiny-reranker"}
+    info = httpx.get(f"{server.rerank}/info", headers=AUTH).json()
+    assert info["task"] == "rerank" and info["num_labels"] == 1 and info["max_length"] == 256
+    assert info["device"] == "cpu" and info["precision"] == "fp32"
+    assert info["limits"]["max_documents"] == LIMITS["max_documents"]
+    nli = httpx.get(f"{server.nli}/info").json()
+    assert nli["task"] == "nli" and nli["labels"] == ["entailment", "neutral", "contradiction"]
+    assert httpx.get(f"{server.rerank}/docs").status_code == 200
+    paths = httpx.get(f"{server.rerank}/openapi.json").json()["paths"]
+    assert {"/rerank", "/predict", "/health", "/info"} <= set(paths)
+
+
+def test_deployment_handle_for_in_cluster_callers(server):
+    from ce_ray.api import ApiError, RerankResponse
+
+    handle = server.serve.get_app_handle("test-rerank")
+    response = handle.rerank.remote({"query": QUERY, "documents": DOCS}).result()
+    assert isinstance(response, RerankResponse)
+    http = _post(f"{server.rerank}/rerank", {"query": QUERY, "documents": DOCS}, headers=AUTH).json()
+    assert [r.index for r in response.results] == [r["index"] for r in http["results"]]
+    with pytest.raises(ApiError) as caught:
+        handle.rerank.remote({"query": "", "documents": DOCS}).result()
+    assert caught.value.status_code == 422 and caught.value.field == "query"
+
+
+# --------------------------------------------------------------------------------------------
+# batching
+# --------------------------------------------------------------------------------------------
+def test_concurrent_requests_share_model_batches(server):
+    before = _stats(server)
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            bodies = [{"query": f"{QUERY} {i}", "documents": DOCS} for i in range(8)]
+            return await asyncio.gather(*(client.post(f"{server.rerank}/rerank", json=b, headers=AUTH) for b in bodies))
+
+    responses = asyncio.run(fire())
+    assert [r.status_code for r in responses] == [200] * 8
+    after = _stats(server)
+    assert after["requests"] - before["requests"] == 8
+    assert after["batches"] - before["batches"] < 8  # fewer model batches than requests
+    assert after["mixed_forward_passes"] > before["mixed_forward_passes"]  # a forward pass held >1 request's pairs
+    assert after["max_requests_per_batch"] > 1
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: 4xx with the field named, never a 500
+# --------------------------------------------------------------------------------------------
+TOO_LONG = "x" * (LIMITS["max_text_chars"] + 1)
+BAD_RERANK = [
+    ({"query": "", "documents": DOCS}, 422, "query"),
+    ({"query": "   ", "documents": DOCS}, 422, "query"),
+    ({"query": 5, "documents": DOCS}, 422, "query"),
+    ({"documents": DOCS}, 422, "query"),
+    ({"query": QUERY, "documents": []}, 422, "documents"),
+    ({"query": QUERY, "documents": "one text"}, 422, "documents"),
+    ({"query": QUERY, "documents": ["ok", ""]}, 422, "documents.1"),
+    ({"query": QUERY, "documents": ["ok", 3]}, 422, "documents.1"),
+    ({"query": QUERY, "documents": ["ok", None]}, 422, "documents.1"),
+    ({"query": QUERY, "documents": DOCS, "top_n": 0}, 422, "top_n"),
+    ({"query": QUERY, "documents": DOCS, "top_n": "2"}, 422, "top_n"),
+    ({"query": QUERY, "documents": DOCS, "return_documents": "yes"}, 422, "return_documents"),
+    ({"query": QUERY, "documents": DOCS, "top_k": 2}, 422, "top_k"),
+    ({"query": QUERY, "documents": ["d"] * (LIMITS["max_documents"] + 1)}, 413, "documents"),
+    ({"query": TOO_LONG, "documents": DOCS}, 413, "query"),
+    ({"query": QUERY, "documents": ["ok", "ok", TOO_LONG]}, 413, "documents.2"),
+    ({"query": QUERY, "documents": DOCS, "model": "some-other-model"}, 404, "model"),
+    ([QUERY, DOCS], 422, "body"),
+    (b"{not json", 400, "body"),
+    (b"", 422, "body"),
+]
+BAD_PREDICT = [
+    ({"pairs": []}, 422, "pairs"),
+    ({"pairs": [["only one"]]}, 422, "pairs.0"),
+    ({"pairs": [["a", "b", "c"]]}, 422, "pairs.0"),
+    ({"pairs": [["a", ""]]}, 422, "pairs.0.1"),
+    ({"pairs": [["a", 1]]}, 422, "pairs.0.1"),
+    ({"pairs": "a b"}, 422, "pairs"),
+    ({"pairs": [["a", "b"]] * (LIMITS["max_pairs"] + 1)}, 413, "pairs"),
+    ({"pairs": [["a", TOO_LONG]]}, 413, "pairs.0.1"),
+    ({"pairs": PAIRS, "model": "nope"}, 404, "model"),
+]
+
+
+def _send_bad(url: str, body, headers: dict | None = None) -> httpx.Response:
+    if isinstance(body, bytes):
+        return _post(url, content=body, headers=headers)
+    return _post(url, body, headers=headers)
+
+
+def _assert_error(response: httpx.Response, status: int, field: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["field"] == field, error
+    assert error["type"] and field.split(".")[0] in error["message"]
+
+
+@pytest.mark.parametrize(("body", "status", "field"), BAD_RERANK)
+def test_bad_rerank_request(server, body, status, field):
+    _assert_error(_send_bad(f"{server.rerank}/rerank", body, AUTH), status, field)
+
+
+@pytest.mark.parametrize(("body", "status", "field"), BAD_PREDICT)
+def test_bad_predict_request(server, body, status, field):
+    _assert_error(_send_bad(f"{server.nli}/predict", body), status, field)
+
+
+def test_rerank_on_a_classifier_is_refused(server):
+    _assert_error(_post(f"{server.nli}/rerank", {"query": QUERY, "documents": DOCS}), 400, "model")
+
+
+def test_unknown_route_is_json_404(server):
+    response = httpx.get(f"{server.rerank}/nothing-here")
+    assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
+
+
+# --------------------------------------------------------------------------------------------
+# API key
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}, {"Authorization": KEY}]
+)
+def test_missing_or_wrong_key_is_401(server, headers):
+    response = _post(f"{server.rerank}/rerank", {"query": QUERY, "documents": DOCS}, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["error"]["type"] == "unauthorized"
+    assert httpx.get(f"{server.rerank}/info", headers=headers).status_code == 401
+
+
+def test_right_key_is_200_and_health_stays_open(server):
+    assert _post(f"{server.rerank}/rerank", {"query": QUERY, "documents": DOCS}, headers=AUTH).status_code == 200
+    assert httpx.get(f"{server.rerank}/health").status_code == 200
+
+
+# --------------------------------------------------------------------------------------------
+# robustness
+# --------------------------------------------------------------------------------------------
+def test_survives_200_bad_requests(server):
+    bad = [(f"{server.rerank}/rerank", body, AUTH) for body, _, _ in BAD_RERANK]
+    bad += [(f"{server.nli}/predict", body, None) for body, _, _ in BAD_PREDICT]
+    bad += [(f"{server.rerank}/rerank", {"query": QUERY, "documents": DOCS}, {"Authorization": "Bearer x"})]
+
+    async def fire() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+
+            async def one(i: int) -> int:
+                url, body, headers = bad[i % len(bad)]
+                if isinstance(body, bytes):
+                    headers = {"content-type": "application/json", **(headers or {})}
+                    return (await client.post(url, content=body, headers=headers)).status_code
+                return (await client.post(url, json=body, headers=headers)).status_code
+
+            return await asyncio.gather(*(one(i) for i in range(200)))
+
+    codes = asyncio.run(fire())
+    assert all(400 <= code < 500 for code in codes), sorted(set(codes))
+    good = _post(f"{server.rerank}/rerank", {"query": QUERY, "documents": DOCS}, headers=AUTH)
+    assert good.status_code == 200 and len(good.json()["results"]) == len(DOCS)
+    assert _post(f"{server.nli}/predict", {"pairs": PAIRS}).status_code == 200
+    assert httpx.get(f"{server.rerank}/health").status_code == 200
+
+
+# --------------------------------------------------------------------------------------------
+# jobs/serve.yaml and the typed app builder (no deployment)
+# --------------------------------------------------------------------------------------------
+def test_serve_yaml_is_a_valid_serve_config(model_dirs):
+    from pathlib import Path
+
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from ce_ray.config import ConfigError
+    from ce_ray.serve import app_builder
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "serve.yaml").read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    assert config.applications[0].import_path == "ce_ray.serve:app_builder"
+    args = {**config.applications[0].args, "model": model_dirs.rerank}  # the file points at a run dir
+    assert isinstance(app_builder(args), Application)
+    with pytest.raises(ConfigError, match="serve.max_documnets: unknown key"):
+        app_builder({**args, "max_documnets": 5})
+    with pytest.raises(ConfigError, match="serve.model"):
+        app_builder({**args, "model": "/no/such/model"})
