@@ -7,7 +7,7 @@ validation, the KubeRay manifests have the kinds and fields KubeRay needs, and
 The slow tests start a head node (2 CPUs) and a worker node (1 CPU), each a ``ray start --block``
 process with its own temp dir and ports (no Ray default port, so other Ray instances on the
 machine are left alone) and token authentication on, then drive ce-ray jobs through the Jobs API
-the way docs/cluster.md does:
+the way the README's 'From laptop to cluster' does:
 
 1. A client with a wrong token is refused.
 2. ``ray job submit --runtime-env jobs/runtime_env.yaml`` runs a ce-ray command (the CLI finds the
@@ -152,7 +152,9 @@ def test_runtime_env_uploads_the_repository_without_local_state():
 
 
 def test_every_ce_ray_command_in_the_cluster_docs_is_a_valid_job():
-    text = (REPO / "docs/cluster.md").read_text().replace("\\\n", " ")  # join continued lines
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## From laptop to cluster", 1)[1].split("\n## ", 1)[0]
+    text = section.replace("\\\n", " ")  # join continued lines
     commands = re.findall(r"ce-ray (?:train|tune) jobs/\S+\.yaml[^\n`]*", text)
     assert len(commands) >= 3
     for command in commands:
@@ -412,7 +414,7 @@ def test_jobs_api_refuses_a_wrong_token(cluster):
 
 @pytest.mark.slow
 def test_cli_submit_with_the_runtime_env_file_then_follow_from_python(cluster, job_file):
-    # Ray's CLI as docs/cluster.md runs it, from the repository root; it finds the token through
+    # Ray's CLI as the README runs it, from the repository root; it finds the token through
     # Ray's variables (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH) in the environment.
     submission_id = f"validate-{secrets.token_hex(4)}"
     submit = subprocess.run(
