@@ -129,7 +129,7 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
 
         cfg = load_job(JOBS / "demo_rerank.yaml").serve.model_copy(update={"model": best_model})
         cfg.port = _free_port(cfg.port)
-        url = start_server(cfg)
+        url = start_server(cfg, access_log=False)
         try:
             response = httpx.post(f"{url}/rerank", json={"query": DEMO_QUERY, "documents": DEMO_DOCUMENTS, "return_documents": True}, timeout=60)
             response.raise_for_status()

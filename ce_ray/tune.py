@@ -261,7 +261,8 @@ def _rounds_upper_bound(job: JobConfig, space: dict[str, Any], train_rows: int) 
     return max(job.tune.grace_period, math.ceil(steps / job.run.checkpoint_every) + 1)
 
 
-def _build_searcher(job: JobConfig, metric: str, mode: str):
+def _build_searcher(job: JobConfig, metric: str, mode: str, max_concurrent: int):
+    """Optuna TPE, or Tune's random/grid generator (which takes the concurrency cap itself)."""
     from ray.tune.search import BasicVariantGenerator
 
     if job.tune.search == "optuna":
@@ -273,7 +274,7 @@ def _build_searcher(job: JobConfig, metric: str, mode: str):
             metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=job.tune.seed), points_to_evaluate=points
         )
     points = [{k: _encode(v) for k, v in p.items()} for p in job.tune.points_to_evaluate] or None
-    return BasicVariantGenerator(random_state=job.tune.seed, points_to_evaluate=points)
+    return BasicVariantGenerator(random_state=job.tune.seed, points_to_evaluate=points, max_concurrent=max_concurrent)
 
 
 def run_tuning(job: JobConfig) -> TuneOutcome:
@@ -326,6 +327,7 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
             if job.tune.scheduler == "asha"
             else FIFOScheduler()
         )
+        concurrency = _max_concurrent(job)
         callbacks = []
         if job.tune.mlflow_uri:
             from ray.air.integrations.mlflow import MLflowLoggerCallback
@@ -337,10 +339,11 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
             tune_config=tune.TuneConfig(
                 metric=metric,
                 mode=mode,
-                search_alg=_build_searcher(job, metric, mode),
+                search_alg=_build_searcher(job, metric, mode, concurrency),
                 scheduler=scheduler,
                 num_samples=job.tune.num_samples,
-                max_concurrent_trials=_max_concurrent(job),
+                # Optuna is wrapped in a ConcurrencyLimiter by Tune; the random/grid generator caps itself
+                max_concurrent_trials=concurrency if job.tune.search == "optuna" else None,
             ),
             run_config=tune.RunConfig(
                 name=job.run.name,

@@ -82,6 +82,13 @@ def _train_worker_pids() -> list[int]:
     return [p.pid for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
 
 
+def _registered_checkpoint(snapshot: Path) -> bool:
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+        return False
+
+
 def test_killed_worker_restarts_from_checkpoint_and_finishes(tiny_model, nli_files, tmp_path, ray_session):
     """Kill a training worker by pid after the first checkpoint; Ray restarts the group and finishes."""
     out = tmp_path / "run"
@@ -93,10 +100,11 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(tiny_model, nli_fil
     thread = threading.Thread(target=lambda: result.setdefault("outcome", run_training(job)))
     thread.start()
 
+    # Wait until Ray has registered a checkpoint (its snapshot names it), not just until files appear.
     deadline = time.time() + 180
-    checkpoints = out / "t"
-    while time.time() < deadline and not list(checkpoints.glob("checkpoint_*")):
-        assert thread.is_alive(), "training ended before a checkpoint appeared"
+    snapshot = out / "t" / "checkpoint_manager_snapshot.json"
+    while time.time() < deadline and not _registered_checkpoint(snapshot):
+        assert thread.is_alive(), "training ended before a checkpoint was registered"
         time.sleep(0.2)
     stats = worker_stats(out)
     assert stats and stats[0]["status"] == "running"
