@@ -63,6 +63,8 @@ def _train_report(s: dict) -> str:
         f"task {s['task']}  loss {s['loss']}  world size {s['world_size']}  steps/worker {s['steps_per_worker']}",
         f"{metric}: {before:.4f} -> {after:.4f}" if before is not None and after is not None else f"{metric}: {after}",
     ]
+    if s.get("metrics_test"):
+        lines.append(f"test {metric}: {s['metrics_test'].get(metric, float('nan')):.4f} ({s['test_rows']} rows)")
     if s.get("train_samples_per_second"):
         lines.append(f"train samples/s {s['train_samples_per_second']:.1f}  wall {s['wall_time_s']:.0f}s")
     return "\n".join(lines)

@@ -90,7 +90,7 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
     results["nli"] = nli
     _line(
         f"[2/5] NLI: {nli['world_size']} workers x {nli['steps_per_worker'][0]} steps, "
-        f"{_metrics(nli, ['accuracy', 'f1_macro'])}  ({nli['wall_time_s']:.0f}s)"
+        f"{_metrics(nli, ['accuracy', 'f1_macro'])}; test accuracy {nli['metrics_test']['accuracy']:.3f}  ({nli['wall_time_s']:.0f}s)"
     )
 
     # [3] reranker
@@ -98,7 +98,7 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
     results["rerank"] = rerank
     _line(
         f"[3/5] reranker ({rerank['loss']}, {rerank['train_rows']} training pairs with mined negatives): "
-        f"{_metrics(rerank, ['mrr@10', 'ndcg@10', 'map'])}  ({rerank['wall_time_s']:.0f}s)"
+        f"{_metrics(rerank, ['mrr@10', 'ndcg@10', 'map'])}; test ndcg@10 {rerank['metrics_test']['ndcg@10']:.3f}  ({rerank['wall_time_s']:.0f}s)"
     )
     best_model = rerank["final_model"]
 

@@ -61,6 +61,9 @@ def cache_root(job: JobConfig) -> str:
 
 def _save_table(table: pa.Table, uri: str) -> None:
     from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
 
     with tempfile.TemporaryDirectory(prefix="ce_ray_data_") as tmp:
         Dataset(table).save_to_disk(os.path.join(tmp, "ds"))

@@ -49,8 +49,8 @@ from transformers import TrainerCallback
 
 from ce_ray import storage
 from ce_ray.config import JobConfig, job_from_dict
-from ce_ray.modeling import check_model, export_model, load_cross_encoder
-from ce_ray.prepare import PreparedData, load_prepared, prepare_data
+from ce_ray.modeling import check_model, export_model, load_cross_encoder, load_for_inference
+from ce_ray.prepare import PreparedData, load_prepared, prepare_data, prepare_split
 from ce_ray.runtime import ensure_ray
 from ce_ray.tasks import TASKS
 
@@ -234,8 +234,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     task = TASKS[job.task]
 
-    # [2] Model: loaded on CPU; the trainer moves it to this worker's device. On CPU, use the cores
-    #     this worker reserved (Ray would otherwise leave torch with one thread).
+    # [2] Model: loaded on CPU; the trainer moves it to this worker's device. Seeded first, so a new
+    #     head starts the same on every rank and in every run. On CPU, use the cores this worker
+    #     reserved (Ray would otherwise leave torch with one thread).
+    from transformers import set_seed
+
+    set_seed(job.train.seed)
     if not job.scaling.use_gpu:
         import torch
 
@@ -463,6 +467,7 @@ def run_training(job: JobConfig) -> TrainOutcome:
     # [1] Model config and data: checked, shaped and saved before any cluster work.
     check_model(job.model)
     prepared = prepare_data(job)
+    test_split = prepare_split(job, "test") if job.data.test is not None else None
 
     # [2] Fit on Ray.
     ensure_ray()
@@ -475,6 +480,10 @@ def run_training(job: JobConfig) -> TrainOutcome:
     workers = read_worker_stats(stats_dir, job.scaling.num_workers)
     summary = summarize(job, result, prepared, workers, time.time() - started)
     summary["final_model"] = final_dir
+    if test_split is not None:  # held-out rows, scored once with the final model
+        test_rows = load_prepared(test_split.uri).data.table
+        summary["metrics_test"] = TASKS[job.task].evaluate(load_for_inference(final_dir), test_rows, job.train.eval_batch_size)
+        summary["test_rows"] = test_split.rows
     summary_path = storage.join(out, "summary.json")
     storage.write_json(summary_path, summary)
     return TrainOutcome(summary=summary, final_dir=final_dir, summary_path=summary_path, result=result)
