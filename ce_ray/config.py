@@ -297,6 +297,27 @@ class TrainConfig(_Section):
         "whose batches avoid duplicate texts instead. false = plain random batches.",
     )
     compile: bool = Field(False, description="torch.compile the model (worth it on GPUs for long runs).")
+    pad_to_multiple_of: int | None = Field(
+        None,
+        ge=1,
+        description="Pad every batch to a multiple of N tokens; null = 8 on GPU (tensor-core shapes), none on CPU. "
+        "Saved with the model, so a server pads the same way.",
+    )
+    optimizer: str = Field(
+        "adamw_torch_fused",
+        description="Optimizer by its Hugging Face name (TrainingArguments.optim): adamw_torch_fused (one fused "
+        "kernel per step, CPU and GPU), adamw_torch, adafactor, ...",
+    )
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        from transformers.training_args import OptimizerNames
+
+        names = [o.value for o in OptimizerNames]
+        if value not in names:
+            raise ValueError(f"unknown optimizer {value!r}; use one of Hugging Face's: {', '.join(names[:8])}, ...")
+        return value
 
 
 # --------------------------------------------------------------------------------------------

@@ -70,6 +70,20 @@ def load_cross_encoder(cfg: ModelConfig, task: str, device: str | None = None) -
     return model
 
 
+def set_pad_multiple(model: CrossEncoder, multiple: int | None) -> None:
+    """Pad every tokenized batch of ``model`` to a multiple of ``multiple`` tokens (None or 1: no rounding).
+
+    Uses the Transformer module's ``processing_kwargs``, so it applies to training, evaluation and
+    ``predict``/``rank`` alike, and it is saved with the model.
+    """
+    if not multiple or multiple <= 1:
+        return
+    module = model[0]
+    kwargs = dict(module.processing_kwargs or {})
+    kwargs["text"] = {**kwargs.get("text", {}), "pad_to_multiple_of": multiple}
+    module.processing_kwargs = kwargs
+
+
 def check_model(cfg: ModelConfig) -> None:
     """Fail fast, before any cluster work, when ``model.name`` cannot be found or ``max_length`` exceeds it.
 

@@ -49,7 +49,7 @@ from transformers import TrainerCallback
 
 from ce_ray import storage
 from ce_ray.config import JobConfig, job_from_dict
-from ce_ray.modeling import check_model, export_model, load_cross_encoder, load_for_inference
+from ce_ray.modeling import check_model, export_model, load_cross_encoder, load_for_inference, set_pad_multiple
 from ce_ray.prepare import PreparedData, load_prepared, prepare_data, prepare_split
 from ce_ray.runtime import ensure_ray
 from ce_ray.tasks import TASKS
@@ -108,7 +108,15 @@ def training_arguments(job: JobConfig, world_size: int, output_dir: str, resumin
         disable_tqdm=True,
         batch_sampler=sampler,
         torch_compile=t.compile,
+        optim=t.optimizer,
     )
+
+
+def pad_multiple(job: JobConfig) -> int | None:
+    """``train.pad_to_multiple_of``, or its default: 8 on GPU (tensor-core friendly shapes), none on CPU."""
+    if job.train.pad_to_multiple_of is not None:
+        return job.train.pad_to_multiple_of
+    return 8 if job.scaling.use_gpu else None
 
 
 def _supports_tf32() -> bool:
@@ -245,6 +253,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
     model = load_cross_encoder(job.model, job.task, device="cpu")
+    set_pad_multiple(model, pad_multiple(job))
 
     # [3] Data: memory-mapped Arrow files; HF's distributed sampler hands this rank its shard.
     train_dataset = load_prepared(prepared.train.uri)

@@ -1,4 +1,5 @@
-"""Length-grouped batches: every row once per epoch, less padding, and the same learning as plain batches."""
+"""The lean input path (length-grouped batches, padding to a multiple of 8): every row once per epoch,
+less padding, the same scores, and the same learning as plain batches."""
 
 from __future__ import annotations
 
@@ -62,12 +63,13 @@ def _train_and_score(job, tiny_model: str, out: str) -> float:
     from sentence_transformers.cross_encoder import CrossEncoderTrainer
 
     from ce_ray.losses import build_loss
-    from ce_ray.modeling import load_cross_encoder
+    from ce_ray.modeling import load_cross_encoder, set_pad_multiple
     from ce_ray.tasks import NLI
-    from ce_ray.train import training_arguments
+    from ce_ray.train import pad_multiple, training_arguments
 
     train = Dataset.from_pandas(_keyword_rows(384, seed=0))
     model = load_cross_encoder(job.model.model_copy(update={"name": tiny_model}), "nli", device="cpu")
+    set_pad_multiple(model, pad_multiple(job))  # as the training worker does
     args = training_arguments(job, world_size=1, output_dir=out, resuming=True)  # resuming: no eval at start
     args.eval_strategy = "no"
     trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=build_loss(job, model, train.data.table))
@@ -75,23 +77,44 @@ def _train_and_score(job, tiny_model: str, out: str) -> float:
     return NLI.evaluate(model, pa.Table.from_pandas(_keyword_rows(150, seed=1)))["accuracy"]
 
 
+def test_padding_to_multiple_of_8_keeps_scores(tiny_model, tmp_path):
+    """Rounded-up padding changes the tensor shapes, not the scores, and is saved with the model."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from ce_ray.modeling import set_pad_multiple
+
+    pairs = [(r.premise, r.hypothesis) for r in _keyword_rows(24, seed=2).itertuples()]
+    model = CrossEncoder(tiny_model, device="cpu")
+    plain = model.predict(pairs, batch_size=8)
+    set_pad_multiple(model, 8)
+    assert model.preprocess(pairs[:3])["input_ids"].shape[1] % 8 == 0
+    np.testing.assert_allclose(model.predict(pairs, batch_size=8), plain, atol=1e-5)
+    model.save_pretrained(str(tmp_path / "padded"))
+    reloaded = CrossEncoder(str(tmp_path / "padded"), device="cpu")
+    assert reloaded[0].processing_kwargs["text"]["pad_to_multiple_of"] == 8
+
+
 @pytest.mark.slow
-def test_grouped_batches_learn_like_plain_batches(tmp_path):
-    """Same seeds, same data: grouped batches reach the accuracy plain batches reach."""
+def test_lean_input_path_learns_like_plain_batches(tmp_path):
+    """Same seeds, same data: grouped batches padded to 8 reach the accuracy plain batches reach."""
     from conftest import build_tiny_model
 
     from ce_ray.config import load_job
 
     model = str(build_tiny_model(tmp_path / "tiny64", hidden=64, layers=2))
-    scores: dict[bool, list[float]] = {True: [], False: []}
+    paths = {
+        "plain": ["train.group_by_length=false", "train.optimizer=adamw_torch"],
+        "lean": ["train.group_by_length=true", "train.pad_to_multiple_of=8", "train.optimizer=adamw_torch_fused"],
+    }
+    scores: dict[str, list[float]] = {name: [] for name in paths}
     for seed in (12, 13):
-        for grouped in (True, False):
+        for name, overrides in paths.items():
             job = load_job(
                 None,
                 ["task=nli", "train.learning_rate=1e-3", "train.batch_size=16", "train.epochs=6", f"train.seed={seed}",
-                 f"train.group_by_length={str(grouped).lower()}"],
+                 *overrides],
             )
-            scores[grouped].append(_train_and_score(job, model, str(tmp_path / f"g{grouped}{seed}")))
-    plain, grouped = np.mean(scores[False]), np.mean(scores[True])
+            scores[name].append(_train_and_score(job, model, str(tmp_path / f"{name}{seed}")))
+    plain, lean = np.mean(scores["plain"]), np.mean(scores["lean"])
     assert plain >= 0.8, scores  # the plain path learns the task...
-    assert abs(grouped - plain) <= 0.2, scores  # ...and the grouped path learns it as well
+    assert abs(lean - plain) <= 0.2, scores  # ...and the lean path learns it as well
