@@ -148,3 +148,18 @@ def test_unreachable_hub_dataset_is_a_clear_error():
     job = load_job(None, ["task=nli", "data.train={hub: no-such-org/no-such-dataset}"])
     with pytest.raises(DataError, match="data.train: cannot load hub dataset hub:no-such-org/no-such-dataset:train"):
         load_split(job, "train")
+
+
+def test_prepared_rows_are_memory_mapped_not_copied(nli_files, tmp_path):
+    """Workers open the prepared Arrow files memory-mapped: a large training set is shared through the
+    page cache, not copied into every worker's heap."""
+    from datasets.table import MemoryMappedTable
+
+    from ce_ray.prepare import load_prepared, prepare_split
+
+    job = load_job(None, ["task=nli", f"data.train={nli_files['train']}", f"run.output_dir={tmp_path / 'run'}"])
+    split = prepare_split(job, "train")
+    dataset = load_prepared(split.uri)
+    assert isinstance(dataset.data, MemoryMappedTable)
+    assert dataset.cache_files and all(f["filename"].startswith(str(tmp_path / "run")) for f in dataset.cache_files)
+    assert len(dataset) == split.rows == 256
