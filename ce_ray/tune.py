@@ -56,7 +56,10 @@ __all__ = ["TuneOutcome", "default_search_space", "run_tuning", "search_space"]
 logger = logging.getLogger(__name__)
 
 DOMAINS = ("loguniform", "uniform", "choice", "grid", "randint")
-DRIVER_CPUS = 0.01  # Tune needs a non-empty request for the trial's driver function
+# The trial's driver function only waits on its Ray Train workers, which hold the real resources. Tune
+# needs a non-empty request for it; a CPU sliver would make a trial whose workers take every CPU of the
+# cluster wait forever for its own driver, so it asks for a MiB of Ray's logical memory instead.
+DRIVER_RESOURCES = {"CPU": 0, "memory": 2**20}
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +249,7 @@ def _max_concurrent(job: JobConfig) -> int:
         return job.tune.max_concurrent_trials
     resources = ray.cluster_resources()
     s = job.scaling
-    cpu_fits = resources.get("CPU", 1) / (s.num_workers * s.cpus_per_worker + DRIVER_CPUS)
+    cpu_fits = resources.get("CPU", 1) / (s.num_workers * s.cpus_per_worker)
     fits = min(cpu_fits, resources.get("GPU", 0) / (s.num_workers * s.gpus_per_worker)) if s.use_gpu else cpu_fits
     return max(1, min(job.tune.num_samples, int(math.floor(fits + 1e-9))))
 
@@ -309,7 +312,7 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
     trials_dir = storage.join(out, f"{job.run.name}-trials")
     trainable = tune.with_resources(
         tune.with_parameters(_trial_driver, base_job=job.to_dict(), trials_dir=trials_dir),
-        {"CPU": DRIVER_CPUS},  # the driver only waits on its workers, which hold the real resources
+        DRIVER_RESOURCES,
     )
     experiment = storage.join(out, job.run.name)
     if tune.Tuner.can_restore(experiment):

@@ -103,6 +103,27 @@ def test_nli_search_stops_a_bad_trial_early_and_exports_the_best(tiny_model, tmp
         assert (out / "report" / name).stat().st_size > 0
 
 
+def test_a_trial_whose_workers_take_every_cpu_still_runs(tiny_model, tmp_path, ray_session):
+    """The trial's driver holds no CPU, so workers may take all of them (it used to wait forever)."""
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    train = keyword_nli(tmp_path / "train.parquet", 64, seed=0)
+    job = load_job(
+        None,
+        base={
+            "task": "nli",
+            "model": {"name": tiny_model},
+            "data": {"train": train, "eval": train},
+            "train": {"max_steps": 4, "batch_size": 16},
+            "scaling": {"num_workers": 1, "cpus_per_worker": cpus},
+            "run": {"output_dir": str(tmp_path / "out"), "name": "allcpus", "checkpoint_every": 4},
+            "tune": {"num_samples": 1, "search": "random", "scheduler": "none",
+                     "search_space": {"train.learning_rate": {"choice": [1e-3]}}},
+        },
+    )
+    outcome = run_tuning(job)
+    assert [t["status"] for t in outcome.trials] == ["COMPLETED"], outcome.trials
+
+
 def test_bad_search_spaces_fail_before_ray(tmp_path):
     job = load_job(
         None,
