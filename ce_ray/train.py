@@ -214,6 +214,11 @@ class _CountingEvaluator(SequentialEvaluator):
         return metrics
 
 
+def _placement_group_id() -> str | None:
+    pg = ray.util.get_current_placement_group()
+    return pg.id.hex() if pg is not None else None
+
+
 def _peak_gpu_gib() -> float | None:
     import torch
 
@@ -290,6 +295,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "node_id": ray.get_runtime_context().get_node_id(),
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
+        # read by the tuner to release the group's resources when Tune stops the trial (see ce_ray.tune)
+        "placement_group_id": _placement_group_id(),
     }
     stats_uri = storage.join(config["stats_dir"], f"rank{rank}.json")
     storage.write_json(stats_uri, {"status": "running", **identity})

@@ -43,6 +43,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import ray
+from ray import tune
+
 from ce_ray import storage
 from ce_ray.config import ConfigError, JobConfig, apply_override, job_from_dict
 from ce_ray.losses import LOSSES
@@ -200,6 +203,40 @@ def _trial_driver(params: dict[str, Any], base_job: dict[str, Any], trials_dir: 
     trainer.fit()
 
 
+class _ReleaseWorkerGroups(tune.Callback):
+    """Remove the placement group of a trial's Ray Train workers once the trial is over.
+
+    When Tune stops a trial (ASHA) it kills the trial's driver; Train V2's controller dies with it,
+    but the placement group it made for the workers lives as long as the Tune driver's job
+    (ray-project/ray#54305), so every stopped trial would keep its CPUs/GPUs and later trials wait
+    forever. Each worker records its placement group in the trial's worker stats; this removes it.
+    """
+
+    def __init__(self, trials_dir: str):
+        self.trials_dir = trials_dir
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._release(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._release(trial)
+
+    def _release(self, trial) -> None:
+        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+        workers = storage.join(self.trials_dir, f"trial-{trial.trial_id}", "workers")
+        rank = 0
+        while storage.exists(stats := storage.join(workers, f"rank{rank}.json")):
+            pg_id = storage.read_json(stats).get("placement_group_id")
+            rank += 1
+            if not pg_id:
+                continue
+            pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id)))
+            if placement_group_table(pg).get("state") not in (None, "REMOVED"):
+                logger.info("trial %s: releasing its workers' placement group %s", trial.trial_id, pg_id)
+                remove_placement_group(pg)
+
+
 # --------------------------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------------------------
@@ -331,7 +368,7 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
             else FIFOScheduler()
         )
         concurrency = _max_concurrent(job)
-        callbacks = []
+        callbacks: list = [_ReleaseWorkerGroups(trials_dir)]
         if job.tune.mlflow_uri:
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 

@@ -83,6 +83,11 @@ def test_nli_search_stops_a_bad_trial_early_and_exports_the_best(tiny_model, tmp
     assert statuses[best["trial_id"]] == "COMPLETED"
     assert best["metric"] == "eval_accuracy" and best["value"] > 0.5
     assert best["trials_stopped_early"] >= 1
+    # trials stopped by ASHA gave their workers' resources back (Train V2 alone would keep them reserved)
+    from ray.util.placement_group import placement_group_table
+
+    held = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert not held, held
 
     # best/ is a plain CrossEncoder directory that scores on the test rows (as recorded in best.json)
     from sentence_transformers.cross_encoder import CrossEncoder
