@@ -191,16 +191,24 @@ def _trial_driver(params: dict[str, Any], base_job: dict[str, Any], trials_dir: 
 
     job = trial_job(base_job, params)
     prepared = prepare_data(job)  # cached: checked/shaped (and mined) before the experiment started
-    name = f"trial-{ray.tune.get_context().get_trial_id()}"  # no timestamps: restarts resume
+    trial_id = ray.tune.get_context().get_trial_id()
     trainer = make_trainer(
         job,
         prepared,
-        name=name,
+        name=_trial_name(trial_id),
         storage_path=trials_dir,
-        stats_dir=storage.join(trials_dir, name, "workers"),
+        stats_dir=_trial_stats_dir(trials_dir, trial_id),
         callbacks=[TuneReportCallback()],
     )
     trainer.fit()
+
+
+def _trial_name(trial_id: str) -> str:
+    return f"trial-{trial_id}"  # no timestamps: restarts resume
+
+
+def _trial_stats_dir(trials_dir: str, trial_id: str) -> str:
+    return storage.join(trials_dir, _trial_name(trial_id), "workers")
 
 
 class _ReleaseWorkerGroups(tune.Callback):
@@ -212,8 +220,9 @@ class _ReleaseWorkerGroups(tune.Callback):
     forever. Each worker records its placement group in the trial's worker stats; this removes it.
     """
 
-    def __init__(self, trials_dir: str):
+    def __init__(self, trials_dir: str, base_job: dict[str, Any]):
         self.trials_dir = trials_dir
+        self.base_job = base_job
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._release(trial)
@@ -224,11 +233,11 @@ class _ReleaseWorkerGroups(tune.Callback):
     def _release(self, trial) -> None:
         from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
-        workers = storage.join(self.trials_dir, f"trial-{trial.trial_id}", "workers")
-        rank = 0
-        while storage.exists(stats := storage.join(workers, f"rank{rank}.json")):
-            pg_id = storage.read_json(stats).get("placement_group_id")
-            rank += 1
+        from ce_ray.train import read_worker_stats
+
+        world_size = trial_job(self.base_job, trial.config).scaling.num_workers
+        for stats in read_worker_stats(_trial_stats_dir(self.trials_dir, trial.trial_id), world_size):
+            pg_id = stats.get("placement_group_id")
             if not pg_id:
                 continue
             pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id)))
@@ -368,7 +377,7 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
             else FIFOScheduler()
         )
         concurrency = _max_concurrent(job)
-        callbacks: list = [_ReleaseWorkerGroups(trials_dir)]
+        callbacks: list = [_ReleaseWorkerGroups(trials_dir, job.to_dict())]
         if job.tune.mlflow_uri:
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 
