@@ -390,6 +390,12 @@ class TuneConfig(_Section):
     )
     mode: Literal["max", "min"] | None = Field(None, description="max or min; default: max for the task metrics.")
     max_failures: int = Field(1, ge=0, description="Retries of a crashed trial before it counts as failed.")
+    startup_trials: int | None = Field(
+        None,
+        ge=1,
+        description="Optuna: trials sampled at random (points_to_evaluate included) before TPE models the results; "
+        "default: num_samples // 3, between 2 and 10 (Optuna's own 10 would make any search of <= 10 trials random).",
+    )
     seed: int | None = Field(42, description="Seed of the searcher (reproducible suggestions).")
     mlflow_uri: str | None = Field(None, description="Log trials to this MLflow tracking URI (optional).")
 

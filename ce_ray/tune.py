@@ -18,7 +18,8 @@ Features, with the key that controls each:
   MSE/MarginMSE when the data has teacher scores; nli: plain, label-smoothed and class-weighted
   cross-entropy). Each trial's data is shaped for its loss; rows are checked, and negatives mined,
   once, before Ray starts.
-- ``tune.search``: Optuna TPE (default), random, grid; ``tune.scheduler``: ASHA (grace period in
+- ``tune.search``: Optuna TPE (default; random for the first ``tune.startup_trials``, by default a
+  third of the search), random, grid; ``tune.scheduler``: ASHA (grace period in
   evaluation rounds) or none; ``tune.max_concurrent_trials`` (default: what the cluster fits given
   ``scaling``; fractional ``scaling.gpus_per_worker`` packs several trials on one GPU).
 - Metric/mode from the task (``eval_accuracy``, ``eval_ndcg@10``), overridable.
@@ -310,6 +311,16 @@ def _rounds_upper_bound(job: JobConfig, space: dict[str, Any], train_rows: int) 
     return max(job.tune.grace_period, math.ceil(steps / job.run.checkpoint_every) + 1)
 
 
+def startup_trials(job: JobConfig) -> int:
+    """Random trials before TPE starts modelling: ``tune.startup_trials``, else a third of the search (2..10).
+
+    Optuna's default of 10 random trials would leave every search of up to 10 trials purely random.
+    """
+    if job.tune.startup_trials is not None:
+        return job.tune.startup_trials
+    return max(2, min(10, job.tune.num_samples // 3))
+
+
 def _build_searcher(job: JobConfig, metric: str, mode: str, max_concurrent: int):
     """Optuna TPE, or Tune's random/grid generator (which takes the concurrency cap itself)."""
     from ray.tune.search import BasicVariantGenerator
@@ -319,9 +330,8 @@ def _build_searcher(job: JobConfig, metric: str, mode: str, max_concurrent: int)
         from ray.tune.search.optuna import OptunaSearch
 
         points = [{k: _encode(v) for k, v in p.items()} for p in job.tune.points_to_evaluate] or None
-        return OptunaSearch(
-            metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=job.tune.seed), points_to_evaluate=points
-        )
+        sampler = optuna.samplers.TPESampler(n_startup_trials=startup_trials(job), seed=job.tune.seed)
+        return OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points)
     points = [{k: _encode(v) for k, v in p.items()} for p in job.tune.points_to_evaluate] or None
     return BasicVariantGenerator(random_state=job.tune.seed, points_to_evaluate=points, max_concurrent=max_concurrent)
 
