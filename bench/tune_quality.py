@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
 
-def recipe_and_search(job_file: str, overrides: list[str], out: Path, recipe: list[str]) -> dict:
+def recipe_and_search(job_file: str, overrides: list[str], out: Path, recipe: list[str], reuse_recipe: bool = False) -> dict:
     from ce_ray.config import load_job
     from ce_ray.tasks import TASKS
     from ce_ray.train import run_training
@@ -41,9 +41,15 @@ def recipe_and_search(job_file: str, overrides: list[str], out: Path, recipe: li
 
     started = time.time()
     recipe_job = load_job(REPO / job_file, overrides + recipe + [f"run.output_dir={out / 'recipe'}", "run.name=recipe"])
-    summary = run_training(recipe_job).summary  # scores data.test with the final model
+    finished = out / "recipe" / "summary.json"
+    if reuse_recipe and finished.exists():  # the recipe run of an earlier bench with the same --out
+        summary = json.loads(finished.read_text())
+        recipe_s = summary["wall_time_s"]
+        print(f"reusing the recipe run in {finished.parent}")
+    else:
+        summary = run_training(recipe_job).summary  # scores data.test with the final model
+        recipe_s = time.time() - started
     recipe_test = summary["metrics_test"]
-    recipe_s = time.time() - started
 
     started = time.time()
     outcome = run_tuning(tune_job)
@@ -79,6 +85,8 @@ def main() -> None:
     parser.add_argument("--task", choices=["nli", "rerank"], required=True)
     parser.add_argument("--out", default="runs/bench-quality")
     parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--reuse-recipe", action="store_true",
+                        help="reuse a finished recipe run under --out (its summary.json) instead of training it again")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set for both runs")
     args = parser.parse_args()
     out = Path(args.out).resolve() / args.task
@@ -87,7 +95,7 @@ def main() -> None:
         overrides += [f"data.train.path={DATA / 'nli/train.parquet'}", f"data.eval.path={DATA / 'nli/dev.parquet'}",
                       f"data.test.path={DATA / 'nli/test.parquet'}"]
         result = recipe_and_search("jobs/nli_tune.yaml", overrides, out,
-                                   ["train.learning_rate=5e-5", "train.batch_size=64", "train.loss=CrossEntropyLoss"])
+                                   ["train.learning_rate=5e-5", "train.batch_size=64", "train.loss=CrossEntropyLoss"], args.reuse_recipe)
         bars = "bar: recipe on nli/test 0.617 accuracy (brief)"
     else:
         # Sized for ~1 h on 2 cores: 1,000 questions (+3 mined negatives each), trials evaluated on 120 of the
@@ -96,7 +104,7 @@ def main() -> None:
                      f"data.test.path={DATA / 'qa/dev.parquet'}", "data.train.select=1000", "data.eval.select=120",
                      "run.checkpoint_every=60", *overrides]
         result = recipe_and_search("jobs/rerank_tune.yaml", overrides, out,
-                                   ["train.learning_rate=2e-5", "train.batch_size=64", "train.loss=BinaryCrossEntropyLoss"])
+                                   ["train.learning_rate=2e-5", "train.batch_size=64", "train.loss=BinaryCrossEntropyLoss"], args.reuse_recipe)
         result["zero_shot_bi_encoder_test"] = zero_shot_bi_encoder(DATA / "qa/dev.parquet", offset=325)
         bars = "bar: zero-shot bi-encoder MRR@10 0.817 / NDCG@10 0.853 on all of qa/dev (brief)"
 
