@@ -218,7 +218,9 @@ class _ReleaseWorkerGroups(tune.Callback):
     When Tune stops a trial (ASHA) it kills the trial's driver; Train V2's controller dies with it,
     but the placement group it made for the workers lives as long as the Tune driver's job
     (ray-project/ray#54305), so every stopped trial would keep its CPUs/GPUs and later trials wait
-    forever. Each worker records its placement group in the trial's worker stats; this removes it.
+    forever. The same holds when a trial's driver crashes (e.g. the node's OOM killer took it) and
+    Tune retries the trial: the retry would wait for the CPUs/GPUs of its own dead attempt. Each
+    worker records its placement group in the trial's worker stats; this removes it.
     """
 
     def __init__(self, trials_dir: str, base_job: dict[str, Any]):
@@ -230,6 +232,9 @@ class _ReleaseWorkerGroups(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._release(trial)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._release(trial)  # before the retry starts: the stats still name the failed attempt's group
 
     def _release(self, trial) -> None:
         from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group

@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,6 +128,50 @@ def test_a_trial_whose_workers_take_every_cpu_still_runs(tiny_model, tmp_path, r
     )
     outcome = run_tuning(job)
     assert [t["status"] for t in outcome.trials] == ["COMPLETED"], outcome.trials
+
+
+def test_a_trial_whose_driver_crashes_is_retried_on_the_cpus_it_held(tiny_model, tmp_path, ray_session):
+    """Kill a trial's driver mid-training (as the node's OOM killer may); Tune retries the trial
+    (tune.max_failures), the retry gets every CPU again and finishes, and no placement group stays reserved."""
+    import psutil
+    from ray.util.placement_group import placement_group_table
+
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    train = keyword_nli(tmp_path / "train.parquet", 256, seed=0)
+    job = load_job(
+        None,
+        base={
+            "task": "nli",
+            "model": {"name": tiny_model},
+            "data": {"train": train, "eval": train},
+            "train": {"max_steps": 600, "batch_size": 16},
+            "scaling": {"num_workers": 1, "cpus_per_worker": cpus},
+            "run": {"output_dir": str(tmp_path / "out"), "name": "crash", "checkpoint_every": 300},
+            "tune": {"num_samples": 1, "search": "random", "scheduler": "none", "max_failures": 1,
+                     "search_space": {"train.learning_rate": {"choice": [1e-3]}}},
+        },
+    )
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("outcome", run_tuning(job)))
+    thread.start()
+    stats_glob = str(tmp_path / "out" / "crash-trials" / "trial-*" / "workers" / "rank0.json")
+    deadline = time.time() + 180
+    while time.time() < deadline and not glob.glob(stats_glob):
+        assert thread.is_alive(), "the search ended before its workers started"
+        time.sleep(0.2)
+    first = json.loads(Path(glob.glob(stats_glob)[0]).read_text())
+    assert first["status"] == "running" and first["placement_group_id"]
+    drivers = [p for p in psutil.process_iter(["cmdline"]) if any("ImplicitFunc" in part for part in (p.info["cmdline"] or []))]
+    assert len(drivers) == 1, drivers
+    drivers[0].kill()
+
+    thread.join(timeout=400)
+    assert not thread.is_alive(), "the retried trial is still waiting"
+    assert [t["status"] for t in result["outcome"].trials] == ["COMPLETED"], result["outcome"].trials
+    second = json.loads(Path(glob.glob(stats_glob)[0]).read_text())
+    assert second["placement_group_id"] != first["placement_group_id"]  # it really ran a second attempt
+    held = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert not held, held
 
 
 def test_bad_search_spaces_fail_before_ray(tmp_path):
