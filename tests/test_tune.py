@@ -109,24 +109,28 @@ def test_nli_search_stops_a_bad_trial_early_and_exports_the_best(tiny_model, tmp
         assert (out / "report" / name).stat().st_size > 0
 
 
-def test_a_trial_whose_workers_take_every_cpu_still_runs(tiny_model, tmp_path, ray_session):
-    """The trial's driver holds no CPU, so workers may take all of them (it used to wait forever)."""
-    cpus = int(ray_session.cluster_resources()["CPU"])
-    train = keyword_nli(tmp_path / "train.parquet", 64, seed=0)
-    job = load_job(
+def whole_node_trial(tiny_model, tmp_path, ray, name: str, rows: int, max_steps: int, max_failures: int = 1):
+    """A one-trial search whose single worker takes every CPU of the node."""
+    cpus = int(ray.cluster_resources()["CPU"])
+    train = keyword_nli(tmp_path / "train.parquet", rows, seed=0)
+    return load_job(
         None,
         base={
             "task": "nli",
             "model": {"name": tiny_model},
             "data": {"train": train, "eval": train},
-            "train": {"max_steps": 4, "batch_size": 16},
+            "train": {"max_steps": max_steps, "batch_size": 16},
             "scaling": {"num_workers": 1, "cpus_per_worker": cpus},
-            "run": {"output_dir": str(tmp_path / "out"), "name": "allcpus", "checkpoint_every": 4},
-            "tune": {"num_samples": 1, "search": "random", "scheduler": "none",
+            "run": {"output_dir": str(tmp_path / "out"), "name": name, "checkpoint_every": max(1, max_steps // 2)},
+            "tune": {"num_samples": 1, "search": "random", "scheduler": "none", "max_failures": max_failures,
                      "search_space": {"train.learning_rate": {"choice": [1e-3]}}},
         },
     )
-    outcome = run_tuning(job)
+
+
+def test_a_trial_whose_workers_take_every_cpu_still_runs(tiny_model, tmp_path, ray_session):
+    """The trial's driver holds no CPU, so workers may take all of them (it used to wait forever)."""
+    outcome = run_tuning(whole_node_trial(tiny_model, tmp_path, ray_session, "allcpus", rows=64, max_steps=4))
     assert [t["status"] for t in outcome.trials] == ["COMPLETED"], outcome.trials
 
 
@@ -136,21 +140,7 @@ def test_a_trial_whose_driver_crashes_is_retried_on_the_cpus_it_held(tiny_model,
     import psutil
     from ray.util.placement_group import placement_group_table
 
-    cpus = int(ray_session.cluster_resources()["CPU"])
-    train = keyword_nli(tmp_path / "train.parquet", 256, seed=0)
-    job = load_job(
-        None,
-        base={
-            "task": "nli",
-            "model": {"name": tiny_model},
-            "data": {"train": train, "eval": train},
-            "train": {"max_steps": 600, "batch_size": 16},
-            "scaling": {"num_workers": 1, "cpus_per_worker": cpus},
-            "run": {"output_dir": str(tmp_path / "out"), "name": "crash", "checkpoint_every": 300},
-            "tune": {"num_samples": 1, "search": "random", "scheduler": "none", "max_failures": 1,
-                     "search_space": {"train.learning_rate": {"choice": [1e-3]}}},
-        },
-    )
+    job = whole_node_trial(tiny_model, tmp_path, ray_session, "crash", rows=256, max_steps=600)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.setdefault("outcome", run_tuning(job)))
     thread.start()
