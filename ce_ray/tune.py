@@ -330,14 +330,13 @@ def _build_searcher(job: JobConfig, metric: str, mode: str, max_concurrent: int)
     """Optuna TPE, or Tune's random/grid generator (which takes the concurrency cap itself)."""
     from ray.tune.search import BasicVariantGenerator
 
+    points = [{k: _encode(v) for k, v in p.items()} for p in job.tune.points_to_evaluate] or None
     if job.tune.search == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        points = [{k: _encode(v) for k, v in p.items()} for p in job.tune.points_to_evaluate] or None
         sampler = optuna.samplers.TPESampler(n_startup_trials=startup_trials(job), seed=job.tune.seed)
         return OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=points)
-    points = [{k: _encode(v) for k, v in p.items()} for p in job.tune.points_to_evaluate] or None
     return BasicVariantGenerator(random_state=job.tune.seed, points_to_evaluate=points, max_concurrent=max_concurrent)
 
 

@@ -92,3 +92,10 @@ def ray_session():
     ensure_ray()
     yield ray
     ray.shutdown()
+
+
+def ray_process_pids(name: str) -> list[int]:
+    """Pids of the local Ray processes whose command line names ``name`` (e.g. RayTrainWorker, ImplicitFunc)."""
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if any(name in part for part in (p.info["cmdline"] or []))]

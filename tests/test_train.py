@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ray_process_pids
 from ce_ray.config import load_job
 from ce_ray.train import run_training
 
@@ -76,12 +77,6 @@ def test_two_workers_shard_the_data_and_end_with_identical_weights(tiny_model, n
     assert not list(out.glob(".tmp-*"))  # nothing half-written left behind
 
 
-def _train_worker_pids() -> list[int]:
-    import psutil
-
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
-
-
 def _registered_checkpoint(snapshot: Path) -> bool:
     try:
         return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
@@ -109,7 +104,7 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(tiny_model, nli_fil
     stats = worker_stats(out)
     assert stats and stats[0]["status"] == "running"
     victim = stats[0]["pid"]
-    assert victim in _train_worker_pids()
+    assert victim in ray_process_pids("RayTrainWorker")
     os.kill(victim, signal.SIGKILL)
 
     thread.join(timeout=300)

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import ray_process_pids
 from ce_ray.config import ConfigError, load_job
 from ce_ray.tune import run_tuning, search_space
 
@@ -109,7 +110,7 @@ def test_nli_search_stops_a_bad_trial_early_and_exports_the_best(tiny_model, tmp
         assert (out / "report" / name).stat().st_size > 0
 
 
-def whole_node_trial(tiny_model, tmp_path, ray, name: str, rows: int, max_steps: int, max_failures: int = 1):
+def whole_node_trial(tiny_model, tmp_path, ray, name: str, rows: int, max_steps: int, checkpoint_every: int):
     """A one-trial search whose single worker takes every CPU of the node."""
     cpus = int(ray.cluster_resources()["CPU"])
     train = keyword_nli(tmp_path / "train.parquet", rows, seed=0)
@@ -121,8 +122,8 @@ def whole_node_trial(tiny_model, tmp_path, ray, name: str, rows: int, max_steps:
             "data": {"train": train, "eval": train},
             "train": {"max_steps": max_steps, "batch_size": 16},
             "scaling": {"num_workers": 1, "cpus_per_worker": cpus},
-            "run": {"output_dir": str(tmp_path / "out"), "name": name, "checkpoint_every": max(1, max_steps // 2)},
-            "tune": {"num_samples": 1, "search": "random", "scheduler": "none", "max_failures": max_failures,
+            "run": {"output_dir": str(tmp_path / "out"), "name": name, "checkpoint_every": checkpoint_every},
+            "tune": {"num_samples": 1, "search": "random", "scheduler": "none", "max_failures": 1,
                      "search_space": {"train.learning_rate": {"choice": [1e-3]}}},
         },
     )
@@ -130,17 +131,16 @@ def whole_node_trial(tiny_model, tmp_path, ray, name: str, rows: int, max_steps:
 
 def test_a_trial_whose_workers_take_every_cpu_still_runs(tiny_model, tmp_path, ray_session):
     """The trial's driver holds no CPU, so workers may take all of them (it used to wait forever)."""
-    outcome = run_tuning(whole_node_trial(tiny_model, tmp_path, ray_session, "allcpus", rows=64, max_steps=4))
+    outcome = run_tuning(whole_node_trial(tiny_model, tmp_path, ray_session, "allcpus", rows=64, max_steps=4, checkpoint_every=4))
     assert [t["status"] for t in outcome.trials] == ["COMPLETED"], outcome.trials
 
 
 def test_a_trial_whose_driver_crashes_is_retried_on_the_cpus_it_held(tiny_model, tmp_path, ray_session):
     """Kill a trial's driver mid-training (as the node's OOM killer may); Tune retries the trial
     (tune.max_failures), the retry gets every CPU again and finishes, and no placement group stays reserved."""
-    import psutil
     from ray.util.placement_group import placement_group_table
 
-    job = whole_node_trial(tiny_model, tmp_path, ray_session, "crash", rows=256, max_steps=600)
+    job = whole_node_trial(tiny_model, tmp_path, ray_session, "crash", rows=256, max_steps=600, checkpoint_every=300)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.setdefault("outcome", run_tuning(job)))
     thread.start()
@@ -151,9 +151,9 @@ def test_a_trial_whose_driver_crashes_is_retried_on_the_cpus_it_held(tiny_model,
         time.sleep(0.2)
     first = json.loads(Path(glob.glob(stats_glob)[0]).read_text())
     assert first["status"] == "running" and first["placement_group_id"]
-    drivers = [p for p in psutil.process_iter(["cmdline"]) if any("ImplicitFunc" in part for part in (p.info["cmdline"] or []))]
+    drivers = ray_process_pids("ImplicitFunc")  # the trial's driver function
     assert len(drivers) == 1, drivers
-    drivers[0].kill()
+    os.kill(drivers[0], signal.SIGKILL)
 
     thread.join(timeout=400)
     assert not thread.is_alive(), "the retried trial is still waiting"
