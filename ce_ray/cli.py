@@ -60,13 +60,50 @@ def _train_report(s: dict) -> str:
     metric = s["primary_metric"]
     before, after = s["metrics_before"].get(metric), s["metrics_after"].get(metric)
     lines = [
-        f"task {s['task']}  loss {s['loss']}  world size {s['world_size']}  steps/worker {s['steps_per_worker']}",
+        f"task {s['task']}  loss {s['loss']}  precision {s['hyperparameters']['precision']}  "
+        f"world size {s['world_size']}  steps/worker {s['steps_per_worker']}",
         f"{metric}: {before:.4f} -> {after:.4f}" if before is not None and after is not None else f"{metric}: {after}",
     ]
+    if s.get("early_stopped_at_step"):
+        lines.append(f"early stopping at step {s['early_stopped_at_step']} (train.early_stopping_patience)")
+    final = (s.get("metrics_final") or {}).get(metric)
+    if final is not None:
+        step = (s.get("best_checkpoint") or {}).get("step") if s.get("final_checkpoint") == "best" else None
+        lines.append(f"final/ = {s.get('final_checkpoint')} checkpoint" + (f" (step {step})" if step is not None else "") + f": eval {metric} {final:.4f}")
     if s.get("metrics_test"):
         lines.append(f"test {metric}: {s['metrics_test'].get(metric, float('nan')):.4f} ({s['test_rows']} rows)")
+    lines += _baseline_lines(s.get("baseline"), s.get("verdict"), metric)
     if s.get("train_samples_per_second"):
         lines.append(f"train samples/s {s['train_samples_per_second']:.1f}  wall {s['wall_time_s']:.0f}s")
+    return "\n".join(lines)
+
+
+def _baseline_lines(baseline: dict | None, verdict: dict | None, metric: str) -> list[str]:
+    if not baseline:
+        return []
+    scores = "  ".join(f"{split} {metric} {m[metric]:.4f}" for split in ("eval", "test") if (m := baseline.get(split)))
+    lines = [f"retriever baseline ({baseline['model']}, zero-shot cosine): {scores}"]
+    if verdict:
+        lines.append(verdict["message"])
+    return lines
+
+
+def _tune_report(best: dict) -> str:
+    metric = best["metric"].removeprefix("eval_")
+    lines = [
+        f"{best['num_trials']} trials ({best['trials_stopped_early']} stopped early); best trial {best['trial_id']}: "
+        f"{best['loss']} {json.dumps(best['params'])}: eval {metric} {best['value']:.4f}"
+    ]
+    if best.get("refit"):
+        r = best["refit"]
+        lines.append(
+            f"refit on {r['train_rows']} training rows ({json.dumps(r['set'])}): eval {metric} {r['eval_value']:.4f} -> "
+            f"{'exported' if r['chosen'] else 'not exported (worse than the trial on the eval rows)'}"
+        )
+    if best.get("test_score") is not None:
+        lines.append(f"best/ ({best['exported']}): test {metric} {best['test_score']:.4f}")
+    lines += _baseline_lines(best.get("baseline"), best.get("verdict"), metric)
+    lines.append(f"best model: {best['best_dir']}  (report: {best.get('report_dir', '')})")
     return "\n".join(lines)
 
 
@@ -75,7 +112,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     job = load_job(args.job, args.overrides)
     outcome = run_tuning(job)
-    _print_json(outcome.best)
+    print(_tune_report({**outcome.best, "report_dir": outcome.report_dir}))
     return 0
 
 
@@ -243,6 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from ce_ray.demo import DemoError
+
+        if not isinstance(exc, DemoError):
+            raise
+        print(f"error: demo failed: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

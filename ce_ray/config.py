@@ -1,7 +1,7 @@
 """The job schema: one YAML format for every ``ce-ray`` command.
 
 A job file has the sections ``task``, ``model``, ``data``, ``train``, ``scaling``, ``run``,
-``tune`` and ``serve``. Every field has a default and a description (``ce-ray validate --help-keys``
+``eval``, ``tune`` and ``serve``. Every field has a default and a description (``ce-ray validate --help-keys``
 prints them all). :func:`load_job` reads a YAML file, applies ``--set a.b=value`` overrides and
 validates the result; every problem is reported at once, each naming its dotted key, and nothing
 touches Ray before that.
@@ -42,6 +42,7 @@ NLI_LOSSES = ("CrossEntropyLoss",)
 RERANK_LOSSES = (
     "BinaryCrossEntropyLoss",
     "MultipleNegativesRankingLoss",
+    "CachedMultipleNegativesRankingLoss",
     "LambdaLoss",
     "ListNetLoss",
     "MSELoss",
@@ -52,6 +53,7 @@ LossName = Literal[
     "CrossEntropyLoss",
     "BinaryCrossEntropyLoss",
     "MultipleNegativesRankingLoss",
+    "CachedMultipleNegativesRankingLoss",
     "LambdaLoss",
     "ListNetLoss",
     "MSELoss",
@@ -63,10 +65,10 @@ LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
     "pos_weight": ("BinaryCrossEntropyLoss",),
     "label_smoothing": ("CrossEntropyLoss",),
     "class_weights": ("CrossEntropyLoss",),
-    "num_negatives": ("MultipleNegativesRankingLoss",),
-    "scale": ("MultipleNegativesRankingLoss",),
+    "num_negatives": ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"),
+    "scale": ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"),
     "k": ("LambdaLoss",),
-    "mini_batch_size": ("LambdaLoss", "ListNetLoss"),
+    "mini_batch_size": ("LambdaLoss", "ListNetLoss", "CachedMultipleNegativesRankingLoss"),
 }
 
 
@@ -231,12 +233,19 @@ class LossConfig(_Section):
         None, description="CrossEntropyLoss: 'balanced' (inverse class frequency) or one weight per class."
     )
     num_negatives: int | None = Field(
-        None, ge=0, description="MultipleNegativesRankingLoss: in-batch negatives per query (library default 4)."
+        None,
+        ge=0,
+        description="(Cached)MultipleNegativesRankingLoss: in-batch negatives per query (library default 4).",
     )
-    scale: float | None = Field(None, gt=0, description="MultipleNegativesRankingLoss: logit scale (default 10).")
+    scale: float | None = Field(
+        None, gt=0, description="(Cached)MultipleNegativesRankingLoss: logit scale (default 10)."
+    )
     k: int | None = Field(None, ge=1, description="LambdaLoss: NDCG cutoff (default: whole list).")
     mini_batch_size: int | None = Field(
-        None, ge=1, description="LambdaLoss/ListNetLoss: pairs per forward pass (saves memory)."
+        None,
+        ge=1,
+        description="LambdaLoss/ListNetLoss/CachedMultipleNegativesRankingLoss: pairs per forward pass (bounds "
+        "memory; the Cached loss keeps the full in-batch negatives at any batch size, default 32).",
     )
 
     @model_validator(mode="before")
@@ -285,8 +294,17 @@ class TrainConfig(_Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "linear", description="Learning-rate schedule after warm-up."
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="fp32 everywhere; bf16 (GPU, or CPU autocast); fp16 needs a GPU."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto = bf16 where the hardware computes it natively (GPUs with bf16; CPUs with avx512_bf16/"
+        "amx_bf16, about 2x faster per step than fp32), else fp32; decided on each worker. fp32; bf16 (GPU, or CPU "
+        "autocast); fp16 needs a GPU.",
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop training after this many evaluation rounds (run.checkpoint_every steps each) without a "
+        "better eval metric; null = train to the end.",
     )
     seed: int = Field(12, description="Random seed (model head init, shuffling).")
     eval_batch_size: int = Field(64, ge=1, description="Batch size of the evaluator.")
@@ -354,10 +372,25 @@ class RunConfig(_Section):
     )
     checkpoint_every: int = Field(500, ge=1, description="Evaluate and checkpoint every N optimizer steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept: the best by the eval metric, plus the latest.")
+    final: Literal["best", "last"] = Field(
+        "best",
+        description="Which checkpoint becomes <output_dir>/final/: best = the best by the eval metric, last = the "
+        "last one trained.",
+    )
     log_row_ids: bool = Field(
         False,
         description="Write, per worker, fingerprints of the training rows it saw to <output_dir>/workers/ "
         "(to audit data sharding).",
+    )
+
+
+class EvalConfig(_Section):
+    baseline: str = Field(
+        "auto",
+        description="rerank: a retriever scored zero-shot (cosine of a SentenceTransformer bi-encoder) on the same "
+        "eval and test rows, reported next to the model in summary.json, best.json, the report and the console; "
+        "auto = data.negatives.model (the bi-encoder the cross-encoder starts from and mines with), a model name, "
+        "or none. Ignored for nli.",
     )
 
 
@@ -370,7 +403,7 @@ class TuneConfig(_Section):
         None,
         description="{dotted key: domain}; a domain is {loguniform: [lo, hi]}, {uniform: [lo, hi]}, "
         "{choice: [..]}, {grid: [..]}, {randint: [lo, hi]} or a fixed value. Default per task: "
-        "learning_rate loguniform 1e-6..1e-4, batch_size choice, loss choice.",
+        "learning_rate loguniform 1e-6..1e-4 (nli) or 5e-6..3e-4 (rerank), batch_size choice, loss choice.",
     )
     points_to_evaluate: list[dict[str, Any]] = Field(
         default_factory=list,
@@ -398,6 +431,17 @@ class TuneConfig(_Section):
     )
     seed: int | None = Field(42, description="Seed of the searcher (reproducible suggestions).")
     mlflow_uri: str | None = Field(None, description="Log trials to this MLflow tracking URI (optional).")
+    refit: bool = Field(
+        False,
+        description="After the search, train the best trial's config once more with tune.refit_set applied (by "
+        "default on all of data.train) and export that model as best/, unless it scores lower on the eval rows "
+        "than the trial itself; the report shows both.",
+    )
+    refit_set: dict[str, Any] = Field(
+        default_factory=lambda: {"data.train.select": None},
+        description="{dotted key: value} applied to the best trial's job for the refit, e.g. "
+        "{data.train.select: null, train.epochs: 2}.",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,6 +515,7 @@ class JobConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)  # type: ignore[arg-type]
     run: RunConfig = Field(default_factory=RunConfig)  # type: ignore[arg-type]
+    eval: EvalConfig = Field(default_factory=EvalConfig)  # type: ignore[arg-type]
     tune: TuneConfig = Field(default_factory=TuneConfig)  # type: ignore[arg-type]
     serve: ServeConfig = Field(default_factory=ServeConfig)  # type: ignore[arg-type]
 
@@ -537,6 +582,13 @@ class JobConfig(_Section):
     def num_labels(self) -> int:
         assert self.model.num_labels is not None  # filled in by validation
         return self.model.num_labels
+
+    @property
+    def baseline_model(self) -> str | None:
+        """The retriever scored next to a reranker (``eval.baseline``), or None (nli, or ``none``)."""
+        if self.task != "rerank" or self.eval.baseline == "none":
+            return None
+        return self.data.negatives.model if self.eval.baseline == "auto" else self.eval.baseline
 
     def require_data(self, *splits: str) -> None:
         """Raise :class:`ConfigError` naming each of ``splits`` (train/eval/test) that is not set."""

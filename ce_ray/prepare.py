@@ -25,7 +25,7 @@ from ce_ray.config import JobConfig
 from ce_ray.data import CheckedRows, RerankGroups, fingerprint, load_split, mine_negatives, rerank_groups, source_fingerprint
 from ce_ray.losses import LOSSES, needs_mining, shape_rows
 
-__all__ = ["PreparedData", "PreparedSplit", "load_prepared", "prepare_data", "prepare_split"]
+__all__ = ["PreparedData", "PreparedSplit", "check_batch_fits", "load_prepared", "prepare_data", "prepare_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +156,24 @@ def prepare_split(job: JobConfig, split: str, device: str | None = None) -> Prep
     return prepared
 
 
+def check_batch_fits(rows: int, batch_size: int, source: str, key: str = "train.batch_size") -> None:
+    """Fail before Ray starts when one global batch is larger than the prepared training rows (no step could run)."""
+    from ce_ray.config import ConfigError
+
+    if batch_size > rows:
+        raise ConfigError(
+            f"{key}: {batch_size} is more than the {rows} prepared training rows of {source}, so no step would run; "
+            "use a smaller batch or more rows"
+        )
+
+
 def prepare_data(job: JobConfig, device: str | None = None) -> PreparedData:
     """Prepare ``data.train`` and ``data.eval`` of a job (see module docstring)."""
     job.require_data("train", "eval")
     # eval first: it is cheap, and a bad eval file should fail before mining starts
     eval_split = prepare_split(job, "eval")
     train_split = prepare_split(job, "train", device=device)
+    check_batch_fits(train_split.rows, job.train.batch_size, job.data.train.describe())
     return PreparedData(train=train_split, eval=eval_split)
 
 

@@ -4,9 +4,11 @@ Written by :func:`ce_ray.tune.run_tuning` into ``<output_dir>``:
 
 - ``trials.csv``: trial id, status (COMPLETED, STOPPED_EARLY by the scheduler, ERROR), sampled
   values, loss, final and best metric (and the step of the best), steps, wall time, error;
-- ``report/metric_vs_lr.png``: best metric of each trial against its learning rate, coloured by loss;
-- ``report/learning_curves.png``: the metric of every trial over its steps;
-- ``report/report.md`` and ``report/report.html``: the best trial and the table of all trials.
+- ``report/metric_vs_lr.png``: best metric of each trial against its learning rate, coloured by loss,
+  with the retriever baseline (rerank) as a dashed line;
+- ``report/learning_curves.png``: the metric of every trial over its steps (baseline dashed);
+- ``report/report.md`` and ``report/report.html``: the best trial, the refit (``tune.refit``), the
+  retriever baseline next to them on eval and test rows with the verdict, and the table of all trials.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def trial_rows(results, metric: str, mode: str, space: dict[str, Any]) -> list[d
                 f"final_{metric}": last.get(metric),
                 f"best_{metric}": best[metric] if best else None,
                 "best_step": best.get("step") if best else None,
+                "best_metrics": {k[5:]: v for k, v in best.items() if k.startswith("eval_") and isinstance(v, (int, float))
+                                 and k[5:] not in ("runtime", "samples_per_second", "steps_per_second")} if best else {},
                 "best_checkpoint": best["checkpoint_path"] if best else None,
                 "baseline": last.get("baseline_" + metric[len("eval_") :]) if metric.startswith("eval_") else None,
                 "steps": last.get("step"),
@@ -95,7 +99,13 @@ def _csv(rows: list[dict[str, Any]], metric: str) -> str:
     return buffer.getvalue()
 
 
-def _plots(rows: list[dict[str, Any]], metric: str, out_dir: str) -> list[str]:
+def _baseline_line(ax, best: dict[str, Any], metric: str) -> None:
+    value = ((best.get("baseline") or {}).get("eval") or {}).get(metric.removeprefix("eval_"))
+    if value is not None:
+        ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"retriever baseline {value:.3f}")
+
+
+def _plots(rows: list[dict[str, Any]], metric: str, out_dir: str, best: dict[str, Any]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,6 +122,7 @@ def _plots(rows: list[dict[str, Any]], metric: str, out_dir: str) -> list[str]:
             pts = [(r["learning_rate"], r[f"best_{metric}"]) for r in rows if r["loss"] == loss and r["status"] == status and r[f"best_{metric}"] is not None and r["learning_rate"]]
             if pts:
                 ax.scatter(*zip(*pts), color=colors[loss], marker=marker, s=60, label=f"{loss} ({status.lower()})")
+    _baseline_line(ax, best, metric)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"best {metric}")
@@ -128,6 +139,7 @@ def _plots(rows: list[dict[str, Any]], metric: str, out_dir: str) -> list[str]:
         curve = [(s, v) for s, v in r["curve"] if s is not None]
         if curve:
             ax.plot(*zip(*curve), marker=".", color=colors[r["loss"]], alpha=0.8, label=f"{r['trial_id']} {r['loss']}")
+    _baseline_line(ax, best, metric)
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title("learning curves (evaluation rounds)")
@@ -156,6 +168,7 @@ def _markdown(rows: list[dict[str, Any]], best: dict[str, Any], metric: str, plo
     ]
     if "test_metrics" in best:
         lines.append(f"Test: {', '.join(f'{k} {_fmt(v)}' for k, v in best['test_metrics'].items())}.")
+    lines += _comparison(best, metric)
     lines += ["", f"{len(rows)} trials, {best['trials_stopped_early']} stopped early by the scheduler.", ""]
     lines += [f"![{p}]({p})" for p in plots]
     lines += ["", f"| trial | status | loss | lr | batch | best {metric} | step | final | wall s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -165,6 +178,25 @@ def _markdown(rows: list[dict[str, Any]], best: dict[str, Any], metric: str, plo
             f"{_fmt(r[f'best_{metric}'])} | {_fmt(r['best_step'])} | {_fmt(r[f'final_{metric}'])} | {_fmt(r['wall_time_s'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _comparison(best: dict[str, Any], metric: str) -> list[str]:
+    """The exported model, the best trial, the refit and the retriever baseline on eval and test rows."""
+    plain = metric.removeprefix("eval_")
+    entries = [("trial", "search best trial", best.get("trial_quality"))]
+    if best.get("refit"):
+        entries.append(("refit", f"refit ({json.dumps(best['refit'].get('set'))})", best["refit"].get("quality")))
+    baseline = best.get("baseline")
+    if baseline:
+        entries.append(("baseline", f"retriever baseline: {baseline['model']} (zero-shot cosine)", {"model": baseline}))
+    lines = ["", f"| model | eval {plain} | test {plain} |", "|---|---|---|"]
+    for kind, label, quality in entries:
+        scores = (quality or {}).get("model") or {}
+        shown = label + (" **(exported as best/)**" if kind == best.get("exported") else "")
+        lines.append(f"| {shown} | {_fmt((scores.get('eval') or {}).get(plain))} | {_fmt((scores.get('test') or {}).get(plain))} |")
+    if best.get("verdict"):
+        lines += ["", best["verdict"]["message"]]
+    return lines
 
 
 def _html(markdown: str, plots: list[str]) -> str:
@@ -201,7 +233,7 @@ def write_report(out_uri: str, rows: list[dict[str, Any]], best: dict[str, Any],
     """Write ``trials.csv`` and ``report/`` under ``out_uri`` (atomically); returns the report location."""
     storage.write_bytes(storage.join(out_uri, "trials.csv"), _csv(rows, metric).encode())
     with tempfile.TemporaryDirectory(prefix="ce_ray_report_") as tmp:
-        plots = _plots(rows, metric, tmp)
+        plots = _plots(rows, metric, tmp, best)
         markdown = _markdown(rows, best, metric, plots)
         with open(os.path.join(tmp, "report.md"), "w") as f:
             f.write(markdown)

@@ -52,6 +52,7 @@ import logging
 import os
 import resource
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -572,6 +573,30 @@ def _check_model_path(cfg: ServeConfig) -> None:
         raise ConfigError(f"serve.model: {cfg.model} is not a model directory (config.json and weights)")
 
 
+def quality_warning(model: str) -> str | None:
+    """The warning of a model ce-ray trained that ranks worse than its retriever baseline, or None.
+
+    Read from the model's own ``ce_ray_quality.json`` (written by ``ce-ray train``/``tune``).
+    """
+    from ce_ray import storage
+    from ce_ray.baseline import QUALITY_FILE, read_model_quality
+    from ce_ray.modeling import resolve_model_dir
+
+    if _is_remote(model):
+        found = [storage.join(model, *sub, QUALITY_FILE) for sub in ((), ("best",), ("final",))]
+        found = [uri for uri in found if storage.exists(uri)]
+        quality = storage.read_json(found[0]) if found else None
+    else:
+        try:
+            quality = read_model_quality(resolve_model_dir(model))
+        except (FileNotFoundError, ValueError):
+            return None
+    verdict = (quality or {}).get("verdict")
+    if not verdict or verdict.get("beats", True):
+        return None
+    return f"{model}: {verdict['message']}"
+
+
 def app_builder(args: ServeConfig) -> Application:
     """The Serve application for ``args`` (a :class:`ServeConfig` or a dict of its fields).
 
@@ -686,6 +711,9 @@ def serve_forever(cfg: ServeConfig) -> None:
     def _interrupt(signum, frame):
         raise KeyboardInterrupt
 
+    warning = quality_warning(cfg.model) if cfg.model else None
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     url = start_server(cfg)
     print(f"serving {cfg.model_name or cfg.model} at {url}  (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
     previous = signal.signal(signal.SIGTERM, _interrupt)

@@ -30,14 +30,17 @@ the model's output and marks every parameter unused, then "ready twice").
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 import os
 import resource
 import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +53,7 @@ from transformers import TrainerCallback
 from ce_ray import storage
 from ce_ray.config import JobConfig, job_from_dict
 from ce_ray.modeling import check_model, export_model, load_cross_encoder, load_for_inference, set_pad_multiple
-from ce_ray.prepare import PreparedData, load_prepared, prepare_data, prepare_split
+from ce_ray.prepare import PreparedData, PreparedSplit, load_prepared, prepare_data, prepare_split
 from ce_ray.runtime import ensure_ray
 from ce_ray.tasks import TASKS
 
@@ -70,9 +73,11 @@ def training_arguments(job: JobConfig, world_size: int, output_dir: str, resumin
     from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
 
     from ce_ray.batching import LengthGroupedBatchSampler
+    from ce_ray.losses import LOSSES
 
     t, run = job.train, job.run
-    in_batch = job.loss.name == "MultipleNegativesRankingLoss"
+    precision = resolve_precision(t.precision, job.scaling.use_gpu)
+    in_batch = LOSSES[job.loss.name].shape == "n-tuple"  # (Cached)MultipleNegativesRankingLoss
     if in_batch:  # in-batch negatives must not be duplicates of the positive
         sampler = BatchSamplers.NO_DUPLICATES
     else:
@@ -88,8 +93,8 @@ def training_arguments(job: JobConfig, world_size: int, output_dir: str, resumin
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.lr_scheduler,
         seed=t.seed,
-        bf16=t.precision == "bf16",
-        fp16=t.precision == "fp16",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         tf32=True if job.scaling.use_gpu and _supports_tf32() else None,
         # Without use_cpu the args stay NOT_PARALLEL on CPU and every worker trains on all rows.
         use_cpu=not job.scaling.use_gpu,
@@ -110,6 +115,31 @@ def training_arguments(job: JobConfig, world_size: int, output_dir: str, resumin
         torch_compile=t.compile,
         optim=t.optimizer,
     )
+
+
+def native_bf16(use_gpu: bool) -> bool:
+    """Whether this machine computes bf16 natively: a GPU with bf16, or a CPU with avx512_bf16/amx_bf16 (or Arm bf16)."""
+    import platform
+
+    import torch
+
+    if use_gpu:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: no cheap way to tell, stay with fp32
+        return False
+    if {"avx512_bf16", "amx_bf16"} & flags:
+        return True
+    return platform.machine() in ("aarch64", "arm64") and "bf16" in flags
+
+
+def resolve_precision(precision: str, use_gpu: bool) -> str:
+    """``train.precision`` on this worker: ``auto`` = bf16 where it is native (:func:`native_bf16`), else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(use_gpu) else "fp32"
 
 
 def pad_multiple(job: JobConfig) -> int | None:
@@ -160,6 +190,36 @@ class _Reporter(RayTrainReportCallback):
                     shutil.copytree(source, os.path.join(tmp, CHECKPOINT_SUBDIR))
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics=metrics, checkpoint=checkpoint)
+
+
+class _EarlyStopping(TrainerCallback):
+    """Stop after ``patience`` evaluation rounds without a better eval metric (``train.early_stopping_patience``).
+
+    The evaluator runs on rank 0, so rank 0 decides and broadcasts the decision: every rank stops at
+    the same step (a rank that went on alone would wait forever in the next all-reduce).
+    """
+
+    def __init__(self, metric: str, mode: str, patience: int):
+        self.metric, self.sign, self.patience = metric, 1 if mode == "max" else -1, patience
+        self.best: float | None = None
+        self.rounds_without_gain = 0
+        self.stopped_at: int | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        import torch.distributed as dist
+
+        value = (metrics or {}).get(self.metric)
+        if value is not None:
+            if self.best is None or self.sign * value > self.sign * self.best:
+                self.best, self.rounds_without_gain = value, 0
+            else:
+                self.rounds_without_gain += 1
+        decision = [self.rounds_without_gain >= self.patience]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(decision, src=0)
+        if decision[0]:
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
 
 
 class _RowCounter:
@@ -275,13 +335,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # [6] Trainer, wired to Ray Train.
     timer = _Timer()
+    callbacks: list[TrainerCallback] = [_Reporter(rank, world_size), timer]
+    stopper = None
+    if job.train.early_stopping_patience:
+        stopper = _EarlyStopping(task.tune_metric, task.mode, job.train.early_stopping_patience)
+        callbacks.append(stopper)
     trainer = CrossEncoderTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         loss=loss,
         evaluator=evaluator,
-        callbacks=[_Reporter(rank, world_size), timer],
+        callbacks=callbacks,
     )
     trainer = prepare_trainer(trainer)
     counter = _RowCounter(trainer.data_collator, job.run.log_row_ids)
@@ -315,6 +380,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "steps_this_attempt": steps_this_attempt,
         "resumed": checkpoint is not None,
         "per_device_batch_size": args.per_device_train_batch_size,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "early_stopped_at_step": stopper.stopped_at if stopper else None,
         "rows_seen": counter.rows,
         "train_runtime_s": output.metrics.get("train_runtime"),
         "step_seconds": timer.step_seconds,
@@ -386,12 +453,79 @@ class TrainOutcome:
     result: Any  # ray.train.Result
 
 
-def export_checkpoint(checkpoint, dest_uri: str) -> str:
-    """Publish the model inside a Ray checkpoint as a plain CrossEncoder directory at ``dest_uri``."""
+@contextlib.contextmanager
+def staged_model(checkpoint) -> Iterator[str]:
+    """The model inside a Ray checkpoint as a plain CrossEncoder directory in a local temp dir.
+
+    Score it, add files to it, then :func:`ce_ray.storage.publish_dir` it; the temp dir goes away after.
+    """
     with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="ce_ray_export_") as tmp:
         model_dir = os.path.join(ckpt_dir, CHECKPOINT_SUBDIR)
-        export_model(model_dir if os.path.isdir(model_dir) else ckpt_dir, os.path.join(tmp, "model"))
-        return storage.publish_dir(os.path.join(tmp, "model"), dest_uri)
+        yield export_model(model_dir if os.path.isdir(model_dir) else ckpt_dir, os.path.join(tmp, "model"))
+
+
+def export_checkpoint(checkpoint, dest_uri: str) -> str:
+    """Publish the model inside a Ray checkpoint as a plain CrossEncoder directory at ``dest_uri``."""
+    with staged_model(checkpoint) as model_dir:
+        return storage.publish_dir(model_dir, dest_uri)
+
+
+def best_by(items: list, metric: str, mode: str, key=lambda item: item):
+    """The item whose ``key(item)[metric]`` is best under ``mode`` (max/min); items without it lose."""
+    sign = 1 if mode == "max" else -1
+    return max(items, key=lambda item: sign * (key(item).get(metric) if key(item).get(metric) is not None else -sign * math.inf))
+
+
+def chosen_checkpoint(job: JobConfig, result):
+    """The checkpoint that becomes ``final/``: the best by the eval metric (``run.final: best``) or the last."""
+    task = TASKS[job.task]
+    if job.run.final == "best" and getattr(result, "best_checkpoints", None):
+        checkpoint, _ = best_by(result.best_checkpoints, task.tune_metric, task.mode, key=lambda cm: cm[1])
+        return checkpoint
+    return result.checkpoint
+
+
+def score_baseline(job: JobConfig, eval_split: PreparedSplit, test_split: PreparedSplit | None) -> None:
+    """Score the retriever baseline before training (cached; a bad eval.baseline fails before Ray starts)."""
+    from ce_ray.baseline import baseline_metrics
+
+    if job.baseline_model is None:
+        return
+    metric = TASKS[job.task].primary_metric
+    for split_name, split in (("eval", eval_split), ("test", test_split)):
+        metrics = baseline_metrics(job, split)
+        if metrics is not None:
+            print(f"retriever baseline ({job.baseline_model}, zero-shot cosine) on {split_name}: {metric} {metrics[metric]:.4f}", flush=True)
+
+
+def model_quality(job: JobConfig, model_dir: str, eval_metrics: dict[str, float], test_split: PreparedSplit | None) -> dict[str, Any]:
+    """Score a staged model on the test rows and set it beside the retriever baseline (written into the model dir).
+
+    Returns ``{task, metric, model: {eval, test}, baseline: {model, eval, test}, verdict}``.
+    """
+    from ce_ray.baseline import baseline_metrics, verdict, write_model_quality
+
+    task = TASKS[job.task]
+    test = None
+    if test_split is not None:  # held-out rows, scored once with the exported model
+        test_rows = load_prepared(test_split.uri).data.table
+        test = task.evaluate(load_for_inference(model_dir), test_rows, job.train.eval_batch_size)
+    prepared_eval = prepare_split(job, "eval")  # cached
+    baseline = {
+        "model": job.baseline_model,
+        "eval": baseline_metrics(job, prepared_eval),
+        "test": baseline_metrics(job, test_split),
+    }
+    model = {"eval": eval_metrics, "test": test}
+    quality = {
+        "task": job.task,
+        "metric": task.primary_metric,
+        "model": model,
+        "baseline": baseline if job.baseline_model else None,
+        "verdict": verdict(task.primary_metric, model, baseline, job.baseline_model) if job.baseline_model else None,
+    }
+    write_model_quality(model_dir, quality)
+    return quality
 
 
 def read_worker_stats(stats_dir: str, world_size: int) -> list[dict[str, Any]]:
@@ -422,11 +556,13 @@ def summarize(job: JobConfig, result, prepared: PreparedData, workers: list[dict
     rows = sum(w.get("rows_seen", 0) for w in workers)
     best = None
     if getattr(result, "best_checkpoints", None):
-        ckpt, best_metrics = max(
-            result.best_checkpoints,
-            key=lambda cm: (cm[1].get(task.tune_metric, float("-inf")) * (1 if task.mode == "max" else -1)),
-        )
-        best = {"path": ckpt.path, "step": best_metrics.get("step"), task.tune_metric: best_metrics.get(task.tune_metric)}
+        ckpt, best_metrics = best_by(result.best_checkpoints, task.tune_metric, task.mode, key=lambda cm: cm[1])
+        best = {
+            "path": ckpt.path,
+            "step": best_metrics.get("step"),
+            task.tune_metric: best_metrics.get(task.tune_metric),
+            "metrics": _metrics_with_prefix(best_metrics, "eval_"),
+        }
     return {
         "task": job.task,
         "model": job.model.name,
@@ -439,7 +575,7 @@ def summarize(job: JobConfig, result, prepared: PreparedData, workers: list[dict
             "max_steps": job.train.max_steps,
             "warmup_ratio": job.train.warmup_ratio,
             "weight_decay": job.train.weight_decay,
-            "precision": job.train.precision,
+            "precision": workers[0].get("precision", job.train.precision) if workers else job.train.precision,
             "seed": job.train.seed,
         },
         "primary_metric": task.primary_metric,
@@ -462,6 +598,7 @@ def summarize(job: JobConfig, result, prepared: PreparedData, workers: list[dict
         "train_step_seconds": step_seconds,
         "wall_time_s": wall_s,
         "best_checkpoint": best,
+        "early_stopped_at_step": workers[0].get("early_stopped_at_step") if workers else None,
         "checkpoint_dir": storage.join(job.run.output_dir, job.run.name),
         "run_name": job.run.name,
     }
@@ -484,6 +621,7 @@ def run_training(job: JobConfig) -> TrainOutcome:
     check_model(job.model)
     prepared = prepare_data(job)
     test_split = prepare_split(job, "test") if job.data.test is not None else None
+    score_baseline(job, prepared.eval, test_split)
 
     # [2] Fit on Ray.
     ensure_ray()
@@ -491,15 +629,26 @@ def run_training(job: JobConfig) -> TrainOutcome:
     trainer = make_trainer(job, prepared, name=job.run.name, storage_path=out, stats_dir=stats_dir)
     result = trainer.fit()
 
-    # [3] Publish the final model and the summary (both atomically).
-    final_dir = export_checkpoint(result.checkpoint, storage.join(out, "final"))
+    # [3] Publish the final model (best or last checkpoint, with its test score and the retriever
+    #     baseline inside) and the summary, both atomically.
     workers = read_worker_stats(stats_dir, job.scaling.num_workers)
     summary = summarize(job, result, prepared, workers, time.time() - started)
+    checkpoint = chosen_checkpoint(job, result)
+    final_metrics = (
+        summary["best_checkpoint"]["metrics"] if job.run.final == "best" and summary["best_checkpoint"] else summary["metrics_after"]
+    )
+    with staged_model(checkpoint) as model_dir:
+        quality = model_quality(job, model_dir, final_metrics, test_split)
+        final_dir = storage.publish_dir(model_dir, storage.join(out, "final"))
     summary["final_model"] = final_dir
-    if test_split is not None:  # held-out rows, scored once with the final model
-        test_rows = load_prepared(test_split.uri).data.table
-        summary["metrics_test"] = TASKS[job.task].evaluate(load_for_inference(final_dir), test_rows, job.train.eval_batch_size)
+    summary["final_checkpoint"] = job.run.final
+    summary["metrics_final"] = final_metrics
+    if quality["model"]["test"] is not None:
+        summary["metrics_test"] = quality["model"]["test"]
         summary["test_rows"] = test_split.rows
+    summary["baseline"] = quality["baseline"]
+    summary["verdict"] = quality["verdict"]
+    summary["wall_time_s"] = time.time() - started
     summary_path = storage.join(out, "summary.json")
     storage.write_json(summary_path, summary)
     return TrainOutcome(summary=summary, final_dir=final_dir, summary_path=summary_path, result=result)

@@ -23,9 +23,14 @@ Features, with the key that controls each:
   evaluation rounds) or none; ``tune.max_concurrent_trials`` (default: what the cluster fits given
   ``scaling``; fractional ``scaling.gpus_per_worker`` packs several trials on one GPU).
 - Metric/mode from the task (``eval_accuracy``, ``eval_ndcg@10``), overridable.
-- Results in ``run.output_dir``: ``best/`` (model of the best checkpoint of the best trial),
-  ``best.json`` (config, metric, trial id, checkpoint, test score), ``trials.csv``, ``report/``
-  (plots, Markdown/HTML). TensorBoard logs under ``<output_dir>/<run.name>/``; MLflow with
+- Results in ``run.output_dir``: ``best/`` (model of the best checkpoint of the best trial, or of its
+  refit), ``best.json`` (config, metric, trial id, checkpoint, test score, the retriever baseline and
+  the verdict), ``trials.csv``, ``report/`` (plots, Markdown/HTML).
+- ``tune.refit``: after the search, the best trial's config is trained once more with
+  ``tune.refit_set`` applied (by default on all of ``data.train``: search on a slice, train the
+  winner on everything) under ``<output_dir>/refit``; it becomes ``best/`` unless it scores lower
+  on the eval rows than the trial. Its rows are checked (and negatives mined) before Ray starts.
+- Rerank: the retriever baseline (``eval.baseline``) is scored on the same eval and test rows. TensorBoard logs under ``<output_dir>/<run.name>/``; MLflow with
   ``tune.mlflow_uri``.
 - Resilience: crashed trials are retried (``tune.max_failures``; inside a trial, worker failures
   restart from its checkpoint per ``run.max_failures``); re-running with the same ``run.name``
@@ -50,8 +55,8 @@ from ray import tune
 from ce_ray import storage
 from ce_ray.config import ConfigError, JobConfig, apply_override, job_from_dict
 from ce_ray.losses import LOSSES
-from ce_ray.modeling import check_model, load_for_inference
-from ce_ray.prepare import load_prepared, prepare_split
+from ce_ray.modeling import check_model
+from ce_ray.prepare import check_batch_fits, prepare_split
 from ce_ray.runtime import ensure_ray
 from ce_ray.tasks import TASKS
 
@@ -79,11 +84,12 @@ def default_search_space(job: JobConfig, has_scores: bool = False) -> dict[str, 
             {"name": "CrossEntropyLoss", "class_weights": "balanced"},
         ]
     else:
-        losses = ["BinaryCrossEntropyLoss", "MultipleNegativesRankingLoss", "LambdaLoss", "ListNetLoss"]
+        losses = ["BinaryCrossEntropyLoss", "CachedMultipleNegativesRankingLoss", "LambdaLoss", "ListNetLoss"]
         if has_scores:
             losses += ["MSELoss", "MarginMSELoss"]
     return {
-        "train.learning_rate": {"loguniform": [1e-6, 1e-4]},
+        # rerank: a fresh 1-output head on a small model takes larger steps than an NLI head
+        "train.learning_rate": {"loguniform": [1e-6, 1e-4] if job.task == "nli" else [5e-6, 3e-4]},
         "train.batch_size": {"choice": batches},
         "train.loss": {"choice": losses},
     }
@@ -263,24 +269,30 @@ class TuneOutcome:
     report_dir: str
 
 
-def _losses_in_space(job: JobConfig, space: dict[str, Any]) -> list[Any]:
-    spec = space.get("train.loss")
+def _values_in_space(space: dict[str, Any], key: str, default: Any) -> list[Any]:
+    """Every value a categorical key of the space can take (its fixed value, or the job's own when absent)."""
+    spec = space.get(key)
     if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in ("choice", "grid"):
         return list(next(iter(spec.values())))
-    return [spec] if spec is not None else [job.loss.model_dump(exclude_none=True)]
+    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) == "randint":
+        return [spec["randint"][1] - 1]  # the largest
+    return [spec] if spec is not None else [default]
 
 
-def _prepare_all(job: JobConfig, space: dict[str, Any]) -> None:
+def _prepare_all(job: JobConfig, space: dict[str, Any], key: str = "tune.search_space") -> None:
     """Check rows, shape them for every loss in the space and mine negatives, before Ray starts."""
     prepare_split(job, "eval")
     errors: list[str] = []
     base = job.to_dict()
-    for loss in _losses_in_space(job, space):
+    batches = _values_in_space(space, "train.batch_size", job.train.batch_size)
+    for loss in _values_in_space(space, "train.loss", job.loss.model_dump(exclude_none=True)):
         trial = trial_job(base, {"train.loss": _encode(loss)})
         try:
-            prepare_split(trial, "train")
+            split = prepare_split(trial, "train")
+            for batch in batches:
+                check_batch_fits(split.rows, batch, trial.data.train.describe(), key=f"{key}.train.batch_size = {batch}")
         except ConfigError as exc:
-            errors.extend(f"tune.search_space.train.loss = {loss!r}: {e}" for e in exc.errors)
+            errors.extend(f"{key}.train.loss = {loss!r}: {e}" for e in exc.errors)
     if errors:
         raise ConfigError(errors)
 
@@ -347,9 +359,11 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
         ConfigError / DataError: before Ray starts, for a bad config, search space or rows.
     """
     from ray import tune
+    from ray.train import Checkpoint
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from ce_ray import report
+    from ce_ray.train import best_by, model_quality, staged_model
 
     started = time.time()
     job.require_data("train", "eval")
@@ -364,8 +378,12 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
     check_model(job.model)
     space = search_space(job, has_scores=_has_scores(job))
     _prepare_all(job, space)
-    if job.data.test is not None:
-        prepare_split(job, "test")
+    test_split = prepare_split(job, "test") if job.data.test is not None else None
+    if job.tune.refit:
+        _prepare_all(refit_job(job, job), space, key="tune.refit_set")
+    from ce_ray.train import score_baseline
+
+    score_baseline(job, prepare_split(job, "eval"), test_split)
 
     # [2] The experiment: one driver function per trial, restored when this run.name exists.
     ensure_ray()
@@ -423,8 +441,8 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
     if not ok:
         errors = "; ".join(f"{t['trial_id']}: {t['error']}" for t in trials if t["error"]) or "no trial reported a checkpoint"
         raise RuntimeError(f"tune: no trial finished an evaluation ({errors})")
-    best_trial = max(ok, key=lambda t: t[f"best_{metric}"] * (1 if mode == "max" else -1))
-    best_dir = _export_best(best_trial["best_checkpoint"], storage.join(out, "best"))
+    best_trial = best_by(ok, f"best_{metric}", mode)
+    best_job = trial_job(job.to_dict(), {k: _encode(v) for k, v in best_trial["params"].items()})
     best = {
         "metric": metric,
         "mode": mode,
@@ -434,24 +452,69 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
         "params": best_trial["params"],
         "loss": best_trial["loss"],
         "checkpoint_path": best_trial["best_checkpoint"],
-        "best_dir": best_dir,
-        "job": trial_job(job.to_dict(), {k: _encode(v) for k, v in best_trial["params"].items()}).to_dict(),
+        "job": best_job.to_dict(),
         "num_trials": len(trials),
         "trials_stopped_early": sum(t["status"] == "STOPPED_EARLY" for t in trials),
-        "wall_time_s": time.time() - started,
     }
-    if job.data.test is not None:
-        test_rows = load_prepared(prepare_split(job, "test").uri).data.table
-        best["test_metrics"] = task.evaluate(load_for_inference(best_dir), test_rows, job.train.eval_batch_size)
+
+    # [4] The exported model: the best trial's best checkpoint, or its refit on all the data (tune.refit)
+    #     when that scores at least as well on the eval rows. Both carry their test score and the baseline.
+    with staged_model(Checkpoint(best_trial["best_checkpoint"])) as model_dir:
+        best["trial_quality"] = model_quality(best_job, model_dir, best_trial["best_metrics"], test_split)
+        refit = _refit(job, best_job, best_trial, metric, mode) if job.tune.refit else None
+        best["refit"] = refit
+        best["exported"] = "refit" if refit and refit["chosen"] else "trial"
+        source = storage.download_dir(refit["final_model"]) if best["exported"] == "refit" else model_dir
+        best_dir = storage.publish_dir(source, storage.join(out, "best"))
+    quality = refit["quality"] if best["exported"] == "refit" else best["trial_quality"]
+    best["best_dir"] = best_dir
+    best["baseline"] = quality["baseline"]
+    best["verdict"] = quality["verdict"]
+    if quality["model"]["test"] is not None:
+        best["test_metrics"] = quality["model"]["test"]
         best["test_score"] = best["test_metrics"].get(task.primary_metric)
+    best["wall_time_s"] = time.time() - started
     report_dir = report.write_report(out, trials, best, metric)
     storage.write_json(storage.join(out, "best.json"), best)
     return TuneOutcome(best=best, best_dir=best_dir, trials=trials, report_dir=report_dir)
 
 
-def _export_best(checkpoint_path: str, dest: str) -> str:
-    from ray.train import Checkpoint
+def refit_job(job: JobConfig, trial: JobConfig) -> JobConfig:
+    """The best trial's job with ``tune.refit_set`` applied, trained under ``<output_dir>/refit``."""
+    raw = trial.to_dict()
+    for key, value in job.tune.refit_set.items():
+        apply_override(raw, key, value)
+    apply_override(raw, "run.output_dir", storage.join(job.run.output_dir, "refit"))
+    apply_override(raw, "run.name", f"{job.run.name}-refit")
+    try:
+        return job_from_dict(raw, "tune.refit_set")
+    except ConfigError as exc:
+        raise ConfigError([f"tune.refit_set: {e}" for e in exc.errors]) from None
 
-    from ce_ray.train import export_checkpoint
 
-    return export_checkpoint(Checkpoint(checkpoint_path), dest)
+def _refit(job: JobConfig, best_job: JobConfig, best_trial: dict[str, Any], metric: str, mode: str) -> dict[str, Any]:
+    """Train the best trial's config again with ``tune.refit_set``; chosen when it is not worse on the eval rows."""
+    from ce_ray.baseline import read_model_quality
+    from ce_ray.train import run_training
+
+    started = time.time()
+    outcome = run_training(refit_job(job, best_job))
+    plain = metric.removeprefix("eval_")
+    refit_value = outcome.summary["metrics_final"].get(plain)
+    trial_value = best_trial[f"best_{metric}"]
+    sign = 1 if mode == "max" else -1
+    chosen = refit_value is not None and sign * refit_value >= sign * trial_value
+    logger.info("refit: eval %s %.4f vs best trial %.4f -> exporting the %s", plain, refit_value or float("nan"), trial_value, "refit" if chosen else "trial")
+    quality = read_model_quality(storage.download_dir(outcome.final_dir))
+    return {
+        "set": job.tune.refit_set,
+        "final_model": outcome.final_dir,
+        "summary_path": outcome.summary_path,
+        "train_rows": outcome.summary["train_rows"],
+        "eval_value": refit_value,
+        "chosen": chosen,
+        "quality": quality,
+        "wall_time_s": time.time() - started,
+    }
+
+

@@ -146,7 +146,7 @@ def test_cli_rejects_a_bad_config_fast_with_one_line_and_no_ray(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: train.loss: CrossEntropyLoss does not fit task rerank; use one of BinaryCrossEntropyLoss, "
-        "MultipleNegativesRankingLoss, LambdaLoss, ListNetLoss, MSELoss, MarginMSELoss"
+        "MultipleNegativesRankingLoss, CachedMultipleNegativesRankingLoss, LambdaLoss, ListNetLoss, MSELoss, MarginMSELoss"
     ]
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
     assert not (tmp_path / "out").exists()

@@ -55,7 +55,8 @@ def test_nli_search_stops_a_bad_trial_early_and_exports_the_best(tiny_model, tmp
             "task": "nli",
             "model": {"name": tiny_model},
             "data": {"train": train, "eval": dev, "test": dev},
-            "train": {"max_steps": 48, "warmup_ratio": 0.0},
+            # fp32: the same learning dynamics on every CPU (precision auto would pick bf16 on some)
+            "train": {"max_steps": 48, "warmup_ratio": 0.0, "precision": "fp32"},
             "run": {"output_dir": str(tmp_path / "out"), "name": "kw", "checkpoint_every": 24},
             "tune": {
                 "num_samples": 3,
@@ -65,6 +66,7 @@ def test_nli_search_stops_a_bad_trial_early_and_exports_the_best(tiny_model, tmp
                 "reduction_factor": 2,
                 "max_concurrent_trials": 1,
                 "search_space": space,
+                "refit": True,  # then the best config once more, on all rows (refit_set default: data.train.select null)
                 # the good trial runs first, so the bad ones meet a recorded rung
                 "points_to_evaluate": [
                     {"train.learning_rate": 1e-2, "train.batch_size": 16, "train.loss": "CrossEntropyLoss"},
@@ -101,6 +103,21 @@ def test_nli_search_stops_a_bad_trial_early_and_exports_the_best(tiny_model, tmp
     rows = load_split(load_job(None, ["task=nli", f"data.test={dev}"]), "test")
     assert NLI.evaluate(model, rows.table)["accuracy"] == pytest.approx(best["test_score"])
     assert best["test_score"] > 0.5
+
+    # The refit trained the winner's config again on every training row, and best/ is whichever of the two
+    # scored higher on the eval rows (the refit on a tie); both test scores are recorded.
+    refit = best["refit"]
+    assert refit["train_rows"] == 256 and json.loads((out / "refit" / "summary.json").read_text())["train_rows"] == 256
+    assert refit["set"] == {"data.train.select": None}
+    trial_eval = best["trial_quality"]["model"]["eval"]["accuracy"]
+    assert best["value"] == pytest.approx(trial_eval)
+    assert refit["chosen"] == (refit["eval_value"] >= trial_eval)
+    assert best["exported"] == ("refit" if refit["chosen"] else "trial")
+    exported = refit["quality"] if refit["chosen"] else best["trial_quality"]
+    assert best["test_metrics"] == exported["model"]["test"]
+    assert best["baseline"] is None and best["verdict"] is None  # nli has no retriever baseline
+    report_md = (out / "report" / "report.md").read_text()
+    assert "| refit (" in report_md and "(exported as best/)" in report_md
 
     with open(out / "trials.csv") as f:
         table = list(csv.DictReader(f))

@@ -1,0 +1,103 @@
+"""The retriever a reranker has to beat, scored on the same rows, and the verdict.
+
+A reranker is worth deploying only if it ranks better than what the user already has: the
+bi-encoder that retrieves (and, in ce-ray, mines negatives with and initialises the cross-encoder
+from). :func:`baseline_metrics` scores that bi-encoder zero-shot (cosine of its embeddings) with
+sentence-transformers' ``RerankingEvaluator`` on a prepared eval/test split; the metrics (``map``,
+``mrr@10``, ``ndcg@10``) are computed exactly as ``CrossEncoderRerankingEvaluator`` computes the
+reranker's, on the same candidates. Results are cached next to the prepared rows, so tune trials
+and re-runs score it once.
+
+:func:`verdict` compares a model with the baseline (on test rows when there are any, else eval),
+and :func:`write_model_quality` / :func:`read_model_quality` keep that comparison inside the model
+directory (``ce_ray_quality.json``), so ``ce-ray serve`` can warn from the model alone.
+
+Set ``eval.baseline`` to another bi-encoder, or ``none`` to skip it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from ce_ray import storage
+from ce_ray.config import JobConfig
+from ce_ray.data import fingerprint
+from ce_ray.prepare import PreparedSplit, cache_root, load_prepared
+
+__all__ = ["QUALITY_FILE", "baseline_metrics", "read_model_quality", "verdict", "write_model_quality"]
+
+logger = logging.getLogger(__name__)
+
+QUALITY_FILE = "ce_ray_quality.json"
+
+
+def baseline_metrics(job: JobConfig, split: PreparedSplit | None, device: str | None = None) -> dict[str, float] | None:
+    """Zero-shot retriever metrics on a prepared rerank split; None for nli, ``eval.baseline: none`` or no split."""
+    name = job.baseline_model
+    if name is None or split is None:
+        return None
+    uri = storage.join(cache_root(job), f"baseline-{fingerprint({'rows': split.uri, 'model': name}, 'v1')}.json")
+    if storage.exists(uri):
+        return storage.read_json(uri)
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.evaluation import RerankingEvaluator
+
+    from ce_ray.modeling import resolve_model_name
+
+    cols = load_prepared(split.uri).data.table.to_pydict()
+    samples = [
+        {"query": q, "positive": list(p), "negative": list(n)}
+        for q, p, n in zip(cols["query"], cols["positive"], cols["negative"])
+    ]
+    model = SentenceTransformer(resolve_model_name(name), device=device or "cpu")
+    evaluator = RerankingEvaluator(samples, at_k=10, batch_size=job.data.negatives.batch_size, write_csv=False)
+    metrics = {k: float(v) for k, v in evaluator(model).items()}
+    storage.write_json(uri, metrics)
+    return metrics
+
+
+def verdict(metric: str, model: dict[str, dict[str, float] | None], baseline: dict[str, dict[str, float] | None], baseline_name: str | None) -> dict[str, Any] | None:
+    """Model vs baseline on ``metric``: on the test rows when both have them, else on the eval rows.
+
+    Args:
+        metric: plain metric name (``ndcg@10``).
+        model / baseline: ``{"eval": metrics, "test": metrics}`` (either may be None).
+
+    Returns:
+        ``{metric, split, model, baseline, beats, message}``, or None without a baseline.
+    """
+    for split in ("test", "eval"):
+        ours, theirs = (model.get(split) or {}).get(metric), (baseline.get(split) or {}).get(metric)
+        if ours is not None and theirs is not None:
+            break
+    else:
+        return None
+    beats = ours > theirs
+    if beats:
+        message = f"the reranker beats the retriever baseline ({baseline_name}) on {split} {metric}: {ours:.4f} vs {theirs:.4f}"
+    else:
+        message = (
+            f"WARNING: the reranker is worse than the retriever baseline ({baseline_name}, zero-shot cosine) on "
+            f"{split} {metric}: {ours:.4f} vs {theirs:.4f}. Serving it would rank worse than the bi-encoder alone; "
+            "train on more data or longer, or keep the retriever's order."
+        )
+    return {"metric": metric, "split": split, "model": ours, "baseline": theirs, "beats": beats, "message": message}
+
+
+def write_model_quality(model_dir: str, quality: dict[str, Any]) -> None:
+    """Store the model's scores, the baseline's and the verdict inside a (local) model directory."""
+    with open(os.path.join(model_dir, QUALITY_FILE), "w") as f:
+        json.dump(quality, f, indent=2, default=str)
+
+
+def read_model_quality(model_dir: str) -> dict[str, Any] | None:
+    """What :func:`write_model_quality` stored, or None for a model ce-ray did not train."""
+    path = os.path.join(model_dir, QUALITY_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,184 @@
+"""A reranker is judged against the retriever it starts from; final/ is the best checkpoint; early stopping; precision."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ce_ray.config import load_job
+from ce_ray.train import resolve_precision, run_training
+
+
+def rerank_job(tiny_model, qa_files, out: Path, *overrides: str):
+    return load_job(
+        None,
+        [
+            "task=rerank",
+            f"model.name={tiny_model}",
+            "model.max_length=128",
+            f"data.train={{path: {qa_files['train']}, columns: {{query: question, positive: answer}}, select: 48}}",
+            f"data.eval={qa_files['dev']}",
+            f"data.test={qa_files['dev']}",
+            "data.negatives.num=2",
+            "train.batch_size=8",
+            "train.learning_rate=1e-3",
+            "train.precision=fp32",
+            f"run.output_dir={out}",
+            "run.name=q",
+            *overrides,
+        ],
+    )
+
+
+def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_model, qa_files, tmp_path, ray_session):
+    """A random-init tiny cross-encoder cannot beat the real bi-encoder: every output says so."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.evaluation import RerankingEvaluator
+
+    from ce_ray.baseline import read_model_quality
+    from ce_ray.modeling import resolve_model_name
+    from ce_ray.serve import quality_warning
+
+    out = tmp_path / "run"
+    outcome = run_training(rerank_job(tiny_model, qa_files, out, "train.max_steps=6", "run.checkpoint_every=3"))
+    summary = json.loads((out / "summary.json").read_text())
+
+    # The baseline is the negatives' bi-encoder, zero-shot, on the same eval and test rows.
+    import pandas as pd
+
+    rows = pd.read_parquet(qa_files["dev"])
+    samples = [{"query": q, "positive": list(p), "negative": list(n)} for q, p, n in zip(rows["query"], rows["positive"], rows["negative"])]
+    expected = RerankingEvaluator(samples, at_k=10, write_csv=False)(SentenceTransformer(resolve_model_name("bundled:all-MiniLM-L6-v2")))
+    baseline = summary["baseline"]
+    assert baseline["model"] == "bundled:all-MiniLM-L6-v2"
+    for split in ("eval", "test"):
+        assert baseline[split]["ndcg@10"] == pytest.approx(expected["ndcg@10"])
+        assert baseline[split]["mrr@10"] == pytest.approx(expected["mrr@10"])
+
+    # The verdict compares the test scores and says plainly that the model loses.
+    verdict = summary["verdict"]
+    assert verdict["split"] == "test" and verdict["metric"] == "ndcg@10"
+    assert verdict["model"] == pytest.approx(summary["metrics_test"]["ndcg@10"])
+    assert verdict["baseline"] == pytest.approx(expected["ndcg@10"])
+    assert verdict["beats"] is False and verdict["message"].startswith("WARNING: the reranker is worse than the retriever baseline")
+
+    # final/ carries the same comparison, so a server can warn from the model alone.
+    quality = read_model_quality(outcome.final_dir)
+    assert quality["verdict"] == verdict and quality["baseline"] == baseline
+    assert quality_warning(str(out)) == f"{out}: {verdict['message']}"  # an output_dir resolves to its final/
+
+    # `ce-ray serve` prints it at start-up.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ce_ray.cli", "serve", "--model", outcome.final_dir, "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        lines = _lines_until(proc.stderr, "WARNING: the reranker", timeout_s=120)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert lines[-1].strip() == f"{outcome.final_dir}: {verdict['message']}", lines
+
+    # eval.baseline: none turns it off.
+    off = run_training(rerank_job(tiny_model, qa_files, tmp_path / "off", "train.max_steps=3", "run.checkpoint_every=3", "eval.baseline=none"))
+    assert off.summary["baseline"] is None and off.summary["verdict"] is None
+    assert quality_warning(off.final_dir) is None
+
+
+def _lines_until(stream, needle: str, timeout_s: float) -> list[str]:
+    """Lines read from ``stream`` up to the first that holds ``needle`` (or all read by the deadline)."""
+    import selectors
+    import time
+
+    selector = selectors.DefaultSelector()
+    selector.register(stream, selectors.EVENT_READ)
+    deadline, lines = time.monotonic() + timeout_s, []
+    while time.monotonic() < deadline:
+        if not selector.select(timeout=deadline - time.monotonic()):
+            break
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            break
+    return lines
+
+
+def _eval_score(model_dir: str, table, metric: str) -> float:
+    from ce_ray.modeling import load_for_inference
+    from ce_ray.tasks import NLI
+
+    return NLI.evaluate(load_for_inference(model_dir), table)[metric]
+
+
+@pytest.mark.parametrize("final", ["best", "last"])
+def test_final_is_the_best_checkpoint_or_the_last(final, tiny_model, nli_files, tmp_path, ray_session):
+    """final/ scores on the eval rows exactly what its checkpoint scored during training."""
+    from ce_ray.data import load_split
+
+    out = tmp_path / "run"
+    job = load_job(
+        None,
+        ["task=nli", f"model.name={tiny_model}", f"data.train={nli_files['train']}", f"data.eval={nli_files['dev']}",
+         "train.batch_size=16", "train.learning_rate=3e-3", "train.precision=fp32", "train.max_steps=32",
+         "run.checkpoint_every=8", "run.keep_checkpoints=4", f"run.final={final}", f"run.output_dir={out}", "run.name=f"],
+    )
+    summary = run_training(job).summary
+    best, last = summary["best_checkpoint"], summary["metrics_after"]
+    expected = best["metrics"]["accuracy"] if final == "best" else last["accuracy"]
+    assert summary["final_checkpoint"] == final
+    assert summary["metrics_final"]["accuracy"] == pytest.approx(expected)
+    table = load_split(job, "eval").table
+    assert _eval_score(summary["final_model"], table, "accuracy") == pytest.approx(expected, abs=1e-6)
+    assert best["metrics"]["accuracy"] >= last["accuracy"]
+
+
+def test_early_stopping_stops_every_rank_at_the_same_step(tiny_model, nli_files, tmp_path, ray_session):
+    """A learning rate too small to change the metric: after 1 round without a gain both workers stop."""
+    out = tmp_path / "run"
+    job = load_job(
+        None,
+        ["task=nli", f"model.name={tiny_model}", f"data.train={nli_files['train']}", f"data.eval={nli_files['dev']}",
+         "train.batch_size=16", "train.learning_rate=1e-12", "train.epochs=10", "train.precision=fp32",
+         "train.early_stopping_patience=1", "scaling.num_workers=2", "run.checkpoint_every=4",
+         f"run.output_dir={out}", "run.name=es"],
+    )
+    summary = run_training(job).summary
+    # evaluations at step 0 (the best so far) and step 4 (no gain): stop there, on both ranks
+    assert summary["steps_per_worker"] == [4, 4]
+    assert summary["early_stopped_at_step"] == 4
+
+
+def test_precision_auto_is_bf16_only_where_the_cpu_has_it():
+    with open("/proc/cpuinfo") as f:
+        flags = set(f.read().split())
+    native = bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert resolve_precision("auto", use_gpu=False) == ("bf16" if native else "fp32")
+    for explicit in ("fp32", "bf16"):
+        assert resolve_precision(explicit, use_gpu=False) == explicit
+    assert load_job(None, ["task=nli"]).train.precision == "auto"  # the default
+
+
+def test_a_batch_larger_than_the_training_rows_fails_before_ray(tiny_model, nli_files, tmp_path):
+    from ce_ray.config import ConfigError
+
+    job = load_job(None, ["task=nli", f"model.name={tiny_model}", f"data.train={{path: {nli_files['train']}, select: 40}}",
+                          f"data.eval={nli_files['dev']}", "train.batch_size=64", f"run.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as caught:
+        run_training(job)
+    assert caught.value.errors == [
+        f"train.batch_size: 64 is more than the 40 prepared training rows of {nli_files['train']}, so no step would run; "
+        "use a smaller batch or more rows"
+    ]
