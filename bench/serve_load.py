@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import resource
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, help="pairs per forward pass (serve.max_batch_size)")
     parser.add_argument("--max-batch-tokens", type=int, help="padded tokens per forward pass (serve.max_batch_tokens)")
     parser.add_argument("--batch-wait", type=float, default=None, help="serve.batch_wait_timeout_s")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
 
     from ce_ray.config import ServeConfig
@@ -255,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         serve.shutdown()
         ray.shutdown()
     print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"device": args.device, "precision": precision, "clients": args.clients,
+                                         "docs": args.docs, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

