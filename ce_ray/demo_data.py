@@ -39,7 +39,8 @@ mostly spent leaving the 1.10 loss plateau of the fresh classification head (abo
 Reranking
 =========
 
-``rerank_train``: ``query``, ``positive`` (str), positive pairs only, 250 rows. ``rerank_dev`` /
+``rerank_train``: ``query``, ``positive`` (str), ``negative`` (list[str], up to 4 labelled hard
+negatives: non-answering statements about the same entity or topic), 250 rows. ``rerank_dev`` /
 ``rerank_test``: ``query`` (str), ``positive`` (list[str]), ``negative`` (list[str], 10-15 each),
 60 queries each. Built from a hand-written mini knowledge base of well-known, stable facts:
 48 countries (capital, language, currency, location), 26 chemical elements (symbol, atomic number)
@@ -1366,36 +1367,49 @@ def build_rerank(seed: int = SEED, n_train: int = 250, n_dev: int = 60, n_test: 
         held["dev"].extend(items[k_test:k_test + k_dev])
         train.extend(items[k_test + k_dev:])
 
-    # train: one question per fact, then extra phrasings until n_train rows.
+    all_passages = sorted({p for fact in facts for p in fact.passages} | {p for ds in DISTRACTORS.values() for p in ds})
+
+    def hard_negatives(fact: _Fact, k_related: int, k_entity: int, k_kind: int) -> list[str]:
+        """True statements about the same entity or topic, other attributes of the same entity, the same
+        attribute of other entities (of the fact's own split: held-out answers never reach train)."""
+        related = list(DISTRACTORS.get(fact.entity, ())) + list(DISTRACTORS.get(fact.stratum, ()))
+        same_entity = [p for f in facts if f.entity == fact.entity and f is not fact for p in f.passages]
+        same_kind = [p for f in strata[fact.stratum] if f is not fact for p in f.passages]
+        negatives: list[str] = []
+        for pool, k in ((related, k_related), (same_entity, k_entity), (same_kind, k_kind)):
+            pool = [p for p in pool if p not in fact.passages and p not in negatives]
+            negatives.extend(rng.sample(pool, min(k, len(pool))))
+        return negatives
+
+    # train: one question per fact, then extra phrasings until n_train rows; each with labelled hard
+    # negatives, as real reranking sets (WikiQA, QNLI) label the non-answering sentences of a passage.
+    held_passages = {p for split in held.values() for fact in split for p in fact.passages}
     first, extra = [], []
     for fact in train:
         order = list(range(len(fact.questions)))
         rng.shuffle(order)
-        pairs = [(fact.questions[q], fact.passages[q % len(fact.passages)]) for q in order]
+        pairs = [(fact, fact.questions[q], fact.passages[q % len(fact.passages)]) for q in order]
         first.append(pairs[0])
         extra.extend(pairs[1:])
     rng.shuffle(extra)
     train_rows = first + extra[:max(0, n_train - len(first))]
     rng.shuffle(train_rows)
-    out = {"train": pd.DataFrame(train_rows, columns=["query", "positive"])}
+    out = {
+        "train": pd.DataFrame(
+            [(q, p, [n for n in hard_negatives(fact, 2, 1, 1) if n not in held_passages]) for fact, q, p in train_rows],
+            columns=["query", "positive", "negative"],
+        )
+    }
 
-    all_passages = sorted({p for fact in facts for p in fact.passages} | {p for ds in DISTRACTORS.values() for p in ds})
     for split in ("dev", "test"):
         rows = []
         for fact in held[split]:
             query = rng.choice(fact.questions)
             positives = list(fact.passages)
-            # hard: true statements about the same entity or topic, other attributes of the same entity,
-            # the same attribute of other entities; easy: anything else.
-            related = list(DISTRACTORS.get(fact.entity, ())) + list(DISTRACTORS.get(fact.stratum, ()))
-            same_entity = [p for f in facts if f.entity == fact.entity and f is not fact for p in f.passages]
-            same_kind = [p for f in strata[fact.stratum] if f is not fact for p in f.passages]
             n_neg = rng.randint(10, 15)
-            negatives: list[str] = []
-            for pool, k in ((related, 4), (same_entity, 3), (same_kind, 5), (all_passages, n_neg)):
-                pool = [p for p in pool if p not in positives and p not in negatives]
-                take = min(k, n_neg - len(negatives), len(pool))
-                negatives.extend(rng.sample(pool, take))
+            negatives = hard_negatives(fact, 4, 3, 5)[:n_neg]
+            pool = [p for p in all_passages if p not in positives and p not in negatives]  # easy: anything else
+            negatives.extend(rng.sample(pool, n_neg - len(negatives)))
             rng.shuffle(negatives)
             rows.append({"query": query, "positive": positives, "negative": negatives})
         rng.shuffle(rows)

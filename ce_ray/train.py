@@ -473,7 +473,12 @@ def export_checkpoint(checkpoint, dest_uri: str) -> str:
 def best_by(items: list, metric: str, mode: str, key=lambda item: item):
     """The item whose ``key(item)[metric]`` is best under ``mode`` (max/min); items without it lose."""
     sign = 1 if mode == "max" else -1
-    return max(items, key=lambda item: sign * (key(item).get(metric) if key(item).get(metric) is not None else -sign * math.inf))
+
+    def score(item) -> float:
+        value = key(item).get(metric)
+        return -math.inf if value is None else sign * value
+
+    return max(items, key=score)
 
 
 def chosen_checkpoint(job: JobConfig, result):

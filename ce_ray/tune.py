@@ -30,8 +30,8 @@ Features, with the key that controls each:
   ``tune.refit_set`` applied (by default on all of ``data.train``: search on a slice, train the
   winner on everything) under ``<output_dir>/refit``; it becomes ``best/`` unless it scores lower
   on the eval rows than the trial. Its rows are checked (and negatives mined) before Ray starts.
-- Rerank: the retriever baseline (``eval.baseline``) is scored on the same eval and test rows. TensorBoard logs under ``<output_dir>/<run.name>/``; MLflow with
-  ``tune.mlflow_uri``.
+- Rerank: the retriever baseline (``eval.baseline``) is scored on the same eval and test rows.
+- TensorBoard logs under ``<output_dir>/<run.name>/``; MLflow with ``tune.mlflow_uri``.
 - Resilience: crashed trials are retried (``tune.max_failures``; inside a trial, worker failures
   restart from its checkpoint per ``run.max_failures``); re-running with the same ``run.name``
   restores the experiment and does not redo finished trials.
@@ -363,7 +363,7 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from ce_ray import report
-    from ce_ray.train import best_by, model_quality, staged_model
+    from ce_ray.train import best_by, model_quality, score_baseline, staged_model
 
     started = time.time()
     job.require_data("train", "eval")
@@ -381,8 +381,6 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
     test_split = prepare_split(job, "test") if job.data.test is not None else None
     if job.tune.refit:
         _prepare_all(refit_job(job, job), space, key="tune.refit_set")
-    from ce_ray.train import score_baseline
-
     score_baseline(job, prepare_split(job, "eval"), test_split)
 
     # [2] The experiment: one driver function per trial, restored when this run.name exists.

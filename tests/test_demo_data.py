@@ -45,8 +45,9 @@ def test_files_and_schemas(paths):
         assert _is_text(schema.field("premise").type) and _is_text(schema.field("hypothesis").type)
         assert schema.field("label").type == pa.int64()
     schema = pq.read_schema(paths["rerank_train"])
-    assert schema.names == ["query", "positive"]
+    assert schema.names == ["query", "positive", "negative"]
     assert _is_text(schema.field("query").type) and _is_text(schema.field("positive").type)
+    assert _is_text_list(schema.field("negative").type)
     for split in ("dev", "test"):
         schema = pq.read_schema(paths[f"rerank_{split}"])
         assert schema.names == ["query", "positive", "negative"]
@@ -87,6 +88,9 @@ def test_no_empty_texts(frames):
     for row in frames["rerank_train"].itertuples():
         check(row.query, ("rerank_train", row.Index))
         check(row.positive, ("rerank_train", row.Index))
+        assert len(row.negative) >= 1 and row.positive not in row.negative
+        for text in row.negative:
+            check(text, ("rerank_train", row.Index))
     for split in ("dev", "test"):
         for row in frames[f"rerank_{split}"].itertuples():
             check(row.query, (split, row.Index))
@@ -98,7 +102,7 @@ def test_no_duplicate_rows(frames):
     for split in ("train", "dev", "test"):
         nli = frames[f"nli_{split}"]
         assert not nli.duplicated(["premise", "hypothesis"]).any(), split
-    assert not frames["rerank_train"].duplicated().any()
+    assert not frames["rerank_train"].duplicated(["query", "positive"]).any()
     for split in ("dev", "test"):
         df = frames[f"rerank_{split}"]
         assert df["query"].is_unique, split
@@ -120,10 +124,12 @@ def test_held_out_splits_are_disjoint_from_train(frames):
     assert not set(dev["query"]) & train_queries
     assert not set(test["query"]) & train_queries
     assert not set(dev["query"]) & set(test["query"])
-    # held-out facts: their answer passages are never a training positive
+    # held-out facts: their answer passages are never a training positive, nor a training negative
+    train_negatives = {n for negs in frames["rerank_train"]["negative"] for n in negs}
     for df in (dev, test):
         for row in df.itertuples():
             assert not set(row.positive) & train_positives, row.query
+            assert not set(row.positive) & train_negatives, row.query
 
 
 def test_rerank_eval_rows(frames):
