@@ -43,8 +43,6 @@ import copy
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +52,6 @@ from ray import tune
 
 from ce_ray import storage
 from ce_ray.config import ConfigError, JobConfig, apply_override, job_from_dict
-from ce_ray.losses import LOSSES
 from ce_ray.modeling import check_model
 from ce_ray.prepare import check_batch_fits, prepare_split
 from ce_ray.runtime import ensure_ray

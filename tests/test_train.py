@@ -9,7 +9,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import ray_process_pids
 from ce_ray.config import load_job
