@@ -135,7 +135,7 @@ async def _drive(url: str, requests: list[dict], clients: int) -> tuple[list[flo
 def run_served(label: str, cfg, requests: list[dict], clients: int) -> dict:
     import httpx
 
-    from ce_ray.serve import start_server, stop_server
+    from ce_ray.serving import start_server, stop_server
 
     url = start_server(cfg, name="bench", access_log=False)
     try:

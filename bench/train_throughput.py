@@ -40,7 +40,7 @@ def notebook_way(args, train_path: str, model_name: str) -> float:
     from sentence_transformers.cross_encoder.losses import CrossEntropyLoss
 
     from ce_ray.modeling import resolve_model_name
-    from ce_ray.train import _Timer
+    from ce_ray.training.instrument import _Timer
 
     torch.manual_seed(12)
     model = CrossEncoder(resolve_model_name(model_name), num_labels=3, device=args.device,
@@ -71,7 +71,7 @@ def ce_ray_way(
     args, train_path: str, eval_path: str, model_name: str, workers: int, cpus: float, grouped: bool = True, extra=()
 ) -> tuple[float, dict]:
     from ce_ray.config import load_job
-    from ce_ray.train import run_training
+    from ce_ray.training import run_training
 
     out = tempfile.mkdtemp(prefix=f"bench_ce{workers}_")
     job = load_job(

@@ -30,7 +30,7 @@ DATA = REPO.parent / "shared" / "data" / "nli"
 def run(pack: int, args, train: str, dev: str) -> tuple[float, float]:
     """Run ``pack`` identical trials at 1/pack GPU each; return (aggregate samples/s, wall seconds)."""
     from ce_ray.config import load_job
-    from ce_ray.tune import run_tuning
+    from ce_ray.tuning import run_tuning
 
     out = tempfile.mkdtemp(prefix=f"bench_pack{pack}_")
     job = load_job(

@@ -35,8 +35,8 @@ DATA = REPO.parent / "shared" / "data"
 def recipe_and_search(job_file: str, overrides: list[str], out: Path, recipe: list[str], reuse_recipe: bool = False) -> dict:
     from ce_ray.config import load_job
     from ce_ray.tasks import TASKS
-    from ce_ray.train import run_training
-    from ce_ray.tune import run_tuning
+    from ce_ray.training import run_training
+    from ce_ray.tuning import run_tuning
 
     tune_job = load_job(REPO / job_file, overrides + [f"run.output_dir={out / 'tune'}"])
     task = TASKS[tune_job.task]

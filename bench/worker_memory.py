@@ -1,6 +1,6 @@
 """Host memory per training worker for a 100k-row training set: memory-mapped Arrow vs a private copy.
 
-ce-ray prepares the training rows once (``ce_ray.prepare``) and every worker opens the Arrow files
+ce-ray prepares the training rows once (``ce_ray.data.prepare``) and every worker opens the Arrow files
 memory-mapped (``load_prepared``), so the rows live once in the OS page cache, shared by all workers
 of a node. The notebook's way holds the whole set in each process (pandas -> ``Dataset.from_pandas``).
 
@@ -39,8 +39,8 @@ def _worker(mode: str, source: str, rank: int, world: int, batch: int, out) -> N
     import datasets
     import pandas as pd
 
-    from ce_ray.batching import LengthGroupedBatchSampler
-    from ce_ray.prepare import load_prepared
+    from ce_ray.training.batching import LengthGroupedBatchSampler
+    from ce_ray.data.prepare import load_prepared
 
     datasets.disable_progress_bars()
     anon0, file0 = _mib("RssAnon"), _mib("RssFile")
@@ -67,7 +67,7 @@ def main() -> None:
     import pandas as pd
 
     from ce_ray.config import load_job
-    from ce_ray.prepare import prepare_split
+    from ce_ray.data.prepare import prepare_split
 
     tmp = Path(tempfile.mkdtemp(prefix="ce_ray_mem_"))
     base = pd.read_parquet(args.data)

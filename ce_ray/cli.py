@@ -46,7 +46,7 @@ def _print_json(obj) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ce_ray.train import run_training
+    from ce_ray.training import run_training
 
     job = load_job(args.job, args.overrides)
     outcome = run_training(job)
@@ -108,7 +108,7 @@ def _tune_report(best: dict) -> str:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from ce_ray.tune import run_tuning
+    from ce_ray.tuning import run_tuning
 
     job = load_job(args.job, args.overrides)
     outcome = run_tuning(job)
@@ -125,11 +125,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         raise ConfigError("validate: give a job file (or --keys to list every key)")
     job = load_job(args.job, args.overrides)
     if job.tune.search_space is not None or job.tune.points_to_evaluate:
-        from ce_ray.tune import search_space
+        from ce_ray.tuning import search_space
 
         search_space(job)
     if job.tune.refit:
-        from ce_ray.tune import refit_job
+        from ce_ray.tuning.driver import refit_job
 
         refit_job(job, job)
     if args.data:
@@ -156,17 +156,12 @@ def _job_for_model(task: str | None, model: str, overrides: Sequence[str]) -> Jo
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ce_ray.config import DataSource
-    from ce_ray.data import check_rows, read_source
-    from ce_ray.modeling import load_for_inference
-    from ce_ray.tasks import TASKS
+    from ce_ray.quality import evaluate
 
     job = _job_for_model(args.task, args.model, args.overrides)
     source = DataSource.model_validate(args.data if not args.columns else {"path": args.data, "columns": json.loads(args.columns)})
     job.data.test = source
-    rows = check_rows(read_source(source, "--data"), job, "test", "--data")
-    model = load_for_inference(args.model)
-    metrics = TASKS[job.task].evaluate(model, rows.table, batch_size=job.train.eval_batch_size)
-    _print_json({"model": args.model, "task": job.task, "rows": rows.num_rows, "dropped": rows.dropped, **metrics})
+    _print_json({"model": args.model, "task": job.task, **evaluate(job, args.model, "test", key="--data")})
     return 0
 
 
@@ -193,7 +188,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ce_ray.serve import serve_forever
+    from ce_ray.serving import serve_forever
 
     overrides = list(args.overrides)
     for key in ("model", "host", "port", "api_key"):

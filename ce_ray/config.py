@@ -26,50 +26,22 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ce_ray.tasks import LOSS_OPTIONS, LOSSES, TASKS, losses_for
+
 __all__ = [
     "ConfigError",
     "DataSource",
     "JobConfig",
     "LossConfig",
-    "NLI_LOSSES",
-    "RERANK_LOSSES",
     "TASK_LOSSES",
     "load_job",
     "parse_overrides",
 ]
 
-NLI_LOSSES = ("CrossEntropyLoss",)
-RERANK_LOSSES = (
-    "BinaryCrossEntropyLoss",
-    "MultipleNegativesRankingLoss",
-    "CachedMultipleNegativesRankingLoss",
-    "LambdaLoss",
-    "ListNetLoss",
-    "MSELoss",
-    "MarginMSELoss",
-)
-TASK_LOSSES: dict[str, tuple[str, ...]] = {"nli": NLI_LOSSES, "rerank": RERANK_LOSSES}
-LossName = Literal[
-    "CrossEntropyLoss",
-    "BinaryCrossEntropyLoss",
-    "MultipleNegativesRankingLoss",
-    "CachedMultipleNegativesRankingLoss",
-    "LambdaLoss",
-    "ListNetLoss",
-    "MSELoss",
-    "MarginMSELoss",
-]
-
-# Loss options and the losses that accept them. Anything else given for a loss is an error.
-LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
-    "pos_weight": ("BinaryCrossEntropyLoss",),
-    "label_smoothing": ("CrossEntropyLoss",),
-    "class_weights": ("CrossEntropyLoss",),
-    "num_negatives": ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"),
-    "scale": ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss"),
-    "k": ("LambdaLoss",),
-    "mini_batch_size": ("LambdaLoss", "ListNetLoss", "CachedMultipleNegativesRankingLoss"),
-}
+# Loss names and options come from the one registry (ce_ray.tasks); TASK_LOSSES is a view of it.
+TASK_LOSSES: dict[str, tuple[str, ...]] = {name: losses_for(name) for name in TASKS}
+LossName = Literal[tuple(LOSSES)]  # type: ignore[valid-type]
+TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
@@ -281,7 +253,11 @@ class LossConfig(_Section):
 class TrainConfig(_Section):
     loss: LossConfig | None = Field(
         None,
-        description="Loss class (and options). Default: CrossEntropyLoss for nli, BinaryCrossEntropyLoss for rerank.",
+        description="Loss class (and options). Default: "
+        + ", ".join(f"{t.default_loss} for {t.name}" for t in TASKS.values())
+        + ". Losses per task: "
+        + "; ".join(f"{t}: {', '.join(names)}" for t, names in TASK_LOSSES.items())
+        + ".",
     )
     learning_rate: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate (AdamW).")
     batch_size: int = Field(
@@ -507,9 +483,7 @@ class ServeConfig(_Section):
 # root
 # --------------------------------------------------------------------------------------------
 class JobConfig(_Section):
-    task: Literal["nli", "rerank"] = Field(
-        description="nli: 3-class (premise, hypothesis, label); rerank: query/passage relevance (1 output)."
-    )
+    task: TaskName = Field(description="; ".join(f"{t.name}: {t.description}" for t in TASKS.values()) + ".")
     model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
     data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
     train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
@@ -527,11 +501,11 @@ class JobConfig(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> JobConfig:
         errors: list[str] = []
-        default_labels = {"nli": 3, "rerank": 1}[self.task]
+        task = TASKS[self.task]
         if self.model.num_labels is None:
-            self.model.num_labels = len(self.model.labels) if self.model.labels else default_labels
-        if self.task == "nli" and self.model.labels is None and self.model.num_labels == 3:
-            self.model.labels = ["entailment", "neutral", "contradiction"]
+            self.model.num_labels = len(self.model.labels) if self.model.labels else task.num_labels
+        if task.labels and self.model.labels is None and self.model.num_labels == len(task.labels):
+            self.model.labels = list(task.labels)
         if self.task == "rerank" and self.model.num_labels != 1:
             errors.append(
                 f"model.num_labels: a reranker scores each pair with 1 output, got {self.model.num_labels}; "
@@ -544,9 +518,7 @@ class JobConfig(_Section):
                 f"model.labels: {len(self.model.labels)} names for {self.model.num_labels} labels (model.num_labels)"
             )
         if self.train.loss is None:
-            self.train.loss = LossConfig(
-                name="CrossEntropyLoss" if self.task == "nli" else "BinaryCrossEntropyLoss"
-            )
+            self.train.loss = LossConfig(name=task.default_loss)
         loss = self.train.loss.name
         if loss not in TASK_LOSSES[self.task]:
             errors.append(

@@ -109,10 +109,12 @@ def check_model(cfg: ModelConfig) -> None:
         )
 
 
-def resolve_model_dir(path: str) -> str:
-    """A model directory, or a train/tune ``output_dir`` (its ``best/``, else ``final/``); others unchanged.
+def locate_model(path: str) -> str:
+    """Where the model of ``path`` is, without downloading it: the directory (local path or URI) itself,
+    or its train/tune output's ``best/``, else ``final/``; a hub id or bundled name as its name.
 
-    Remote locations (``s3://``, ``gs://``) are downloaded once into a node-local cache.
+    Raises:
+        FileNotFoundError: a directory or remote location that holds no model.
     """
     from ce_ray import storage
 
@@ -120,7 +122,7 @@ def resolve_model_dir(path: str) -> str:
     if "://" in path and not storage.is_local(path):
         for candidate in (path, storage.join(path, "best"), storage.join(path, "final")):
             if storage.exists(storage.join(candidate, "config.json")):
-                return storage.download_dir(candidate)
+                return candidate
         raise FileNotFoundError(f"{path} holds no model (config.json), nor best/ or final/ with one")
     path = storage.resolve_uri(path) if path.startswith("file://") else path
     if is_model_dir(path):
@@ -132,6 +134,21 @@ def resolve_model_dir(path: str) -> str:
     if os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a model directory and has no best/ or final/ model inside")
     return path  # a hub id
+
+
+def is_remote(path: str) -> bool:
+    """A location on another filesystem (``s3://``, ``gs://``...), not this machine's."""
+    from ce_ray import storage
+
+    return "://" in path and not storage.is_local(path)
+
+
+def resolve_model_dir(path: str) -> str:
+    """:func:`locate_model`, with a remote model (``s3://``, ``gs://``) downloaded once into a node-local cache."""
+    from ce_ray import storage
+
+    location = locate_model(path)
+    return storage.download_dir(location) if is_remote(location) else location
 
 
 def read_task(path: str) -> str | None:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from datasets import Dataset
 
-from ce_ray.batching import LengthGroupedBatchSampler, text_lengths
+from ce_ray.training.batching import LengthGroupedBatchSampler, text_lengths
 
 
 @pytest.fixture()
@@ -62,17 +62,17 @@ def _train_and_score(job, tiny_model: str, out: str) -> float:
     import pyarrow as pa
     from sentence_transformers.cross_encoder import CrossEncoderTrainer
 
-    from ce_ray.losses import build_loss
+    from ce_ray.tasks import build_loss
     from ce_ray.modeling import load_cross_encoder, set_pad_multiple
     from ce_ray.tasks import NLI
-    from ce_ray.train import pad_multiple, training_arguments
+    from ce_ray.training.recipe import pad_multiple, training_arguments
 
     train = Dataset.from_pandas(_keyword_rows(384, seed=0))
     model = load_cross_encoder(job.model.model_copy(update={"name": tiny_model}), "nli", device="cpu")
     set_pad_multiple(model, pad_multiple(job))  # as the training worker does
     args = training_arguments(job, world_size=1, output_dir=out, resuming=True)  # resuming: no eval at start
     args.eval_strategy = "no"
-    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=build_loss(job, model, train.data.table))
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=train, loss=build_loss(job.loss, model, train.data.table))
     trainer.train()
     return NLI.evaluate(model, pa.Table.from_pandas(_keyword_rows(150, seed=1)))["accuracy"]
 

@@ -11,14 +11,14 @@ the way the README's 'From laptop to cluster' does:
 
 1. A client with a wrong token is refused.
 2. ``ray job submit --runtime-env jobs/runtime_env.yaml`` runs a ce-ray command (the CLI finds the
-   token through Ray's variables); ``ce_ray.jobs`` follows its logs and waits for it.
+   token through Ray's variables); ``ce_ray.ray_jobs`` follows its logs and waits for it.
 3. A 2-worker training job with ``scaling.placement_strategy=SPREAD`` and ``run.max_failures=2``
    runs one worker on each node. Once its first checkpoint is recorded in storage, the worker
    node's raylet is killed by pid; the job still finishes (Ray Train restarts both workers on the
    head from that checkpoint) and writes ``summary.json`` and ``final/`` to a ``file://``
    directory both nodes see. (One job does both, placement and failure, to keep the file under
    4 minutes on 2 cores.)
-4. ``ce_ray.jobs.stop`` stops a running job.
+4. ``ce_ray.ray_jobs.stop`` stops a running job.
 
 Teardown ends every process the cluster started, by pid.
 """
@@ -47,7 +47,7 @@ import psutil
 import pytest
 import yaml
 
-from ce_ray import jobs
+from ce_ray import ray_jobs
 from ce_ray.config import load_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def test_kuberay_rayservice_serves_the_app():
     assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     (app,) = serve_config["applications"]
-    assert app["import_path"] == "ce_ray.serve:app_builder"
+    assert app["import_path"] == "ce_ray.serving:app_builder"
     ServeConfig.model_validate(app["args"])  # the args are the serve: section of a job
     assert serve_config["http_options"]["host"] == "0.0.0.0", "the K8s Service must reach the proxy"
     _check_ray_cluster_spec(service["spec"]["rayClusterConfig"])
@@ -163,7 +163,7 @@ def test_every_ce_ray_command_in_the_cluster_docs_is_a_valid_job():
 
 
 def test_entrypoint_is_the_ce_ray_command_with_quoted_overrides():
-    command = jobs.entrypoint("jobs/nli_train.yaml", "train", ["run.name=a b", "scaling.num_workers=2"])
+    command = ray_jobs.entrypoint("jobs/nli_train.yaml", "train", ["run.name=a b", "scaling.num_workers=2"])
     assert command == "ce-ray train jobs/nli_train.yaml --set 'run.name=a b' --set scaling.num_workers=2"
 
 
@@ -311,7 +311,7 @@ class LocalCluster:
         return raylet
 
     def job_logs(self, job_id: str) -> str:
-        return jobs.client(self.address, self.token).get_job_logs(job_id)[-6000:]
+        return ray_jobs.client(self.address, self.token).get_job_logs(job_id)[-6000:]
 
     # stopping -------------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -408,8 +408,8 @@ def test_jobs_api_refuses_a_wrong_token(cluster):
     from ray.exceptions import AuthenticationError
 
     with pytest.raises(AuthenticationError):
-        jobs.client(cluster.address, token="not-the-cluster-token").list_jobs()
-    assert jobs.client(cluster.address, token=cluster.token).list_jobs() is not None
+        ray_jobs.client(cluster.address, token="not-the-cluster-token").list_jobs()
+    assert ray_jobs.client(cluster.address, token=cluster.token).list_jobs() is not None
 
 
 @pytest.mark.slow
@@ -430,9 +430,9 @@ def test_cli_submit_with_the_runtime_env_file_then_follow_from_python(cluster, j
     assert submit.returncode == 0, submit.stdout + submit.stderr
 
     auth = {"address": cluster.address, "token": cluster.token}
-    output = "".join(jobs.follow_logs(submission_id, **auth))  # returns when the job ends
+    output = "".join(ray_jobs.follow_logs(submission_id, **auth))  # returns when the job ends
     assert f"{job_file}: valid" in output
-    assert jobs.wait(submission_id, timeout=30, **auth).value == "SUCCEEDED"
+    assert ray_jobs.wait(submission_id, timeout=30, **auth).value == "SUCCEEDED"
 
 
 @pytest.mark.slow
@@ -443,7 +443,7 @@ def test_two_workers_span_two_nodes_and_survive_losing_one(cluster, job_file, sh
     assert set(nodes) == {"head", "worker"}
 
     # 1. A 2-worker job, SPREAD over the nodes, allowed 2 restarts, outputs on shared storage.
-    job_id = jobs.submit(
+    job_id = ray_jobs.submit(
         str(job_file),
         "train",
         [f"run.output_dir=file://{out}", "run.name=fault", "run.max_failures=2", "train.max_steps=24"],
@@ -461,7 +461,7 @@ def test_two_workers_span_two_nodes_and_survive_losing_one(cluster, job_file, sh
         return any(d.name in text for d in (out / "fault").glob("checkpoint_*"))
 
     def job_ended() -> str | None:
-        status = jobs.client(**auth).get_job_status(job_id)
+        status = ray_jobs.client(**auth).get_job_status(job_id)
         return f"the job is {status.value}:\n{cluster.job_logs(job_id)}" if status.is_terminal() else None
 
     _wait_for(recorded_checkpoint, 180, "the first checkpoint in storage", abort=job_ended)
@@ -477,7 +477,7 @@ def test_two_workers_span_two_nodes_and_survive_losing_one(cluster, job_file, sh
 
     # 5. The job still succeeds: both workers restart on the head from the checkpoint, and the
     #    summary and final model land in the shared storage.
-    status = jobs.wait(job_id, timeout=240, poll_s=0.5, **auth)
+    status = ray_jobs.wait(job_id, timeout=240, poll_s=0.5, **auth)
     assert status.value == "SUCCEEDED", cluster.job_logs(job_id)
     summary, ranks = _read_run(out)
     assert summary["world_size"] == 2
@@ -493,13 +493,13 @@ def test_two_workers_span_two_nodes_and_survive_losing_one(cluster, job_file, sh
 def test_stop_ends_a_running_job(cluster, job_file, shared):
     auth = {"address": cluster.address, "token": cluster.token}
     # runtime_env=None: the job runs the ce-ray installed on the nodes, nothing uploaded.
-    job_id = jobs.submit(
+    job_id = ray_jobs.submit(
         str(job_file),
         "train",
         [f"run.output_dir=file://{shared}/stopped", "train.max_steps=500"],
         runtime_env=None,
         **auth,
     )
-    _wait_for(lambda: jobs.client(**auth).get_job_status(job_id).value == "RUNNING", 60, "the job to run")
-    assert jobs.stop(job_id, **auth) is True
-    assert jobs.wait(job_id, timeout=60, poll_s=0.5, **auth).value == "STOPPED"
+    _wait_for(lambda: ray_jobs.client(**auth).get_job_status(job_id).value == "RUNNING", 60, "the job to run")
+    assert ray_jobs.stop(job_id, **auth) is True
+    assert ray_jobs.wait(job_id, timeout=60, poll_s=0.5, **auth).value == "STOPPED"

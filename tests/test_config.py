@@ -155,7 +155,7 @@ def test_cli_rejects_a_bad_config_fast_with_one_line_and_no_ray(tmp_path):
 
 def test_optuna_models_results_after_a_third_of_a_small_search():
     """Optuna's own default (10 random trials first) would make an 8-trial search random search."""
-    from ce_ray.tune import _build_searcher, startup_trials
+    from ce_ray.tuning.space import build_searcher, startup_trials
 
     def startup(*overrides):
         return startup_trials(load_job(None, ["task=rerank", *overrides]))
@@ -165,5 +165,5 @@ def test_optuna_models_results_after_a_third_of_a_small_search():
     assert startup("tune.num_samples=12") == 4
     assert startup("tune.num_samples=64") == 10
     assert startup("tune.num_samples=64", "tune.startup_trials=20") == 20
-    searcher = _build_searcher(load_job(None, ["task=rerank", "tune.num_samples=12"]), "eval_ndcg@10", "max", 1)
+    searcher = build_searcher(load_job(None, ["task=rerank", "tune.num_samples=12"]), "eval_ndcg@10", "max", 1)
     assert searcher._sampler._n_startup_trials == 4  # what Optuna is actually given

@@ -155,7 +155,7 @@ def test_prepared_rows_are_memory_mapped_not_copied(nli_files, tmp_path):
     page cache, not copied into every worker's heap."""
     from datasets.table import MemoryMappedTable
 
-    from ce_ray.prepare import load_prepared, prepare_split
+    from ce_ray.data.prepare import load_prepared, prepare_split
 
     job = load_job(None, ["task=nli", f"data.train={nli_files['train']}", f"run.output_dir={tmp_path / 'run'}"])
     split = prepare_split(job, "train")

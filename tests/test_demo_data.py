@@ -1,4 +1,4 @@
-"""The offline demo dataset (ce_ray.demo_data): shape, balance, splits, determinism. Fast, no Ray."""
+"""The offline demo dataset (ce_ray.demo.data): shape, balance, splits, determinism. Fast, no Ray."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ce_ray.demo_data import write_demo_data
+from ce_ray.demo.data import write_demo_data
 
 KEYS = ["nli_train", "nli_dev", "nli_test", "rerank_train", "rerank_dev", "rerank_test"]
 
@@ -151,7 +151,7 @@ def test_deterministic(tmp_path, paths):
 
 
 def test_main_writes_files(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "ce_ray.demo_data", str(tmp_path / "d")],
+    out = subprocess.run([sys.executable, "-m", "ce_ray.demo.data", str(tmp_path / "d")],
                          capture_output=True, text=True, check=True).stdout
     for key in KEYS:
         assert key in out

@@ -1,4 +1,4 @@
-"""Every loss gets its data in the format it needs, and trains on it (tiny model, no Ray)."""
+"""Every loss gets its data in the format it needs, through the one preparation path, and trains on it (tiny model, no Ray)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from ce_ray.config import load_job
-from ce_ray.data import DataError, load_split, mine_negatives, rerank_groups
-from ce_ray.losses import LOSSES, bce_pos_weight, build_loss, needs_mining, shape_rows
+from ce_ray.data import DataError, load_prepared, load_split, mine_negatives, needs_mining, prepare_split, rerank_groups
+from ce_ray.tasks import LOSSES, bce_pos_weight, build_loss
 
 
 @pytest.fixture()
@@ -25,9 +25,15 @@ def rerank_rows(tmp_path):
     return str(path)
 
 
+def prepared_table(job):
+    """The training rows exactly as workers get them: read, checked, grouped, mined, shaped, saved."""
+    return load_prepared(prepare_split(job, "train").uri).data.table
+
+
 def shaped(path: str, loss: str, *overrides: str):
-    job = load_job(None, ["task=rerank", f"data.train={path}", f"train.loss={loss}", *overrides])
-    return job, shape_rows(job, load_split(job, "train"))
+    out = f"{path}.runs"
+    job = load_job(None, ["task=rerank", f"data.train={path}", f"train.loss={loss}", f"run.output_dir={out}", *overrides])
+    return job, prepared_table(job)
 
 
 def test_bce_gets_labeled_pairs_and_auto_pos_weight(rerank_rows):
@@ -75,9 +81,8 @@ def test_positive_only_pairs_never_train_bce_without_negatives(qa_files):
     groups = rerank_groups(load_split(job, "train"))
     assert not groups.has_negatives
     with pytest.raises(DataError, match="needs negatives but data.train has positive pairs only"):
-        needs_mining(job, groups)
-    mnrl = load_job(None, ["task=rerank", "train.loss=MultipleNegativesRankingLoss", "data.negatives.mine=never"])
-    assert needs_mining(mnrl, groups) is False  # in-batch negatives need no mining
+        needs_mining(LOSSES[job.loss.name], groups, job.data.negatives.mine)
+    assert needs_mining(LOSSES["MultipleNegativesRankingLoss"], groups, "never") is False  # in-batch negatives need no mining
 
 
 def test_mining_adds_hard_negatives_that_are_not_positives(qa_files):
@@ -85,7 +90,7 @@ def test_mining_adds_hard_negatives_that_are_not_positives(qa_files):
     mapping = "{query: question, positive: answer}"
     job = load_job(None, ["task=rerank", f"data.train={{path: {qa_files['train']}, columns: {mapping}, select: 48}}", "data.negatives.num=3"])
     groups = rerank_groups(load_split(job, "train"))
-    assert needs_mining(job, groups)
+    assert needs_mining(LOSSES[job.loss.name], groups, job.data.negatives.mine)
     mined = mine_negatives(groups, job.data.negatives)
     assert mined.queries == groups.queries
     with_negatives = 0
@@ -110,20 +115,20 @@ def test_every_loss_trains_a_step_on_its_shaped_data(loss, tiny_model, tmp_path,
     if LOSSES[loss].task == "nli":
         frame = pd.DataFrame({"premise": ["A man sleeps.", "A dog runs."] * 4, "hypothesis": ["A person rests.", "A cat sits."] * 4, "label": [0, 2] * 4})
         frame.to_parquet(tmp_path / "nli.parquet")
-        job = load_job(None, ["task=nli", f"data.train={tmp_path / 'nli.parquet'}", "train.loss={name: CrossEntropyLoss, label_smoothing: 0.1, class_weights: balanced}"])
+        job = load_job(None, ["task=nli", f"data.train={tmp_path / 'nli.parquet'}", "train.loss={name: CrossEntropyLoss, label_smoothing: 0.1, class_weights: balanced}", f"run.output_dir={tmp_path / 'runs'}"])
     elif LOSSES[loss].needs_scores:
         frame = pd.DataFrame({"query": ["q1"] * 4 + ["q2"] * 4, "passage": list("abcdefgh"), "score": [5.0, 1.0, 0.5, -1.0] * 2})
         frame.to_parquet(tmp_path / "scored.parquet")
-        job = load_job(None, ["task=rerank", f"data.train={tmp_path / 'scored.parquet'}", f"train.loss={loss}"])
+        job = load_job(None, ["task=rerank", f"data.train={tmp_path / 'scored.parquet'}", f"train.loss={loss}", f"run.output_dir={tmp_path / 'runs'}"])
     else:
-        job = load_job(None, ["task=rerank", f"data.train={rerank_rows}", f"train.loss={loss}"])
-    table = shape_rows(job, load_split(job, "train"))
+        job = load_job(None, ["task=rerank", f"data.train={rerank_rows}", f"train.loss={loss}", f"run.output_dir={tmp_path / 'runs'}"])
+    table = prepared_table(job)
     model = load_cross_encoder(job.model.model_copy(update={"name": tiny_model}), job.task, device="cpu")
     args = CrossEncoderTrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, use_cpu=True,
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
     )
-    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=Dataset(table), loss=build_loss(job, model, table))
+    trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=Dataset(table), loss=build_loss(job.loss, model, table))
     output = trainer.train()
     assert trainer.state.global_step == 2
     assert output.training_loss == output.training_loss and output.training_loss < float("inf")  # finite

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from ce_ray.config import load_job
-from ce_ray.train import resolve_precision, run_training
+from ce_ray.training import run_training
+from ce_ray.training.recipe import resolve_precision
 
 
 def rerank_job(tiny_model, qa_files, out: Path, *overrides: str):
@@ -42,9 +43,9 @@ def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_mo
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import RerankingEvaluator
 
-    from ce_ray.baseline import read_model_quality
+    from ce_ray.quality import read_model_quality
     from ce_ray.modeling import resolve_model_name
-    from ce_ray.serve import quality_warning
+    from ce_ray.serving import quality_warning
 
     out = tmp_path / "run"
     outcome = run_training(rerank_job(tiny_model, qa_files, out, "train.max_steps=6", "run.checkpoint_every=3"))

@@ -65,7 +65,7 @@ def model_dirs(tiny_model, tmp_path_factory):
 def server(ray_session, model_dirs):
     from ray import serve
 
-    from ce_ray.serve import start_server, stop_server, wait_until_ready
+    from ce_ray.serving import start_server, stop_server, wait_until_ready
 
     port = _free_port()
     common = dict(port=port, num_cpus=0.5, max_batch_size=16, batch_wait_timeout_s=0.2, **LIMITS)
@@ -177,7 +177,7 @@ def test_health_info_and_docs(server):
 
 
 def test_deployment_handle_for_in_cluster_callers(server):
-    from ce_ray.api import ApiError, RerankResponse
+    from ce_ray.serving.api import ApiError, RerankResponse
 
     handle = server.serve.get_app_handle("test-rerank")
     response = handle.rerank.remote({"query": QUERY, "documents": DOCS}).result()
@@ -338,11 +338,11 @@ def test_serve_yaml_is_a_valid_serve_config(model_dirs):
     from ray.serve.schema import ServeDeploySchema
 
     from ce_ray.config import ConfigError
-    from ce_ray.serve import app_builder
+    from ce_ray.serving import app_builder
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "serve.yaml").read_text())
     config = ServeDeploySchema.model_validate(raw)
-    assert config.applications[0].import_path == "ce_ray.serve:app_builder"
+    assert config.applications[0].import_path == "ce_ray.serving:app_builder"
     args = {**config.applications[0].args, "model": model_dirs.rerank}  # the file points at a run dir
     assert isinstance(app_builder(args), Application)
     with pytest.raises(ConfigError, match="serve.max_documnets: unknown key"):

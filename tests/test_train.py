@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import ray_process_pids
 from ce_ray.config import load_job
-from ce_ray.train import run_training
+from ce_ray.training import run_training
 
 
 def nli_job(tiny_model, nli_files, out: Path, *overrides: str):

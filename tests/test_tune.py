@@ -20,7 +20,7 @@ import yaml
 
 from conftest import ray_process_pids
 from ce_ray.config import ConfigError, load_job
-from ce_ray.tune import run_tuning, search_space
+from ce_ray.tuning import run_tuning, search_space
 
 pytestmark = pytest.mark.slow
 

@@ -12,13 +12,13 @@ The same thing from the shell::
 
 Example::
 
-    from ce_ray import jobs
+    from ce_ray import ray_jobs
 
-    job_id = jobs.submit("jobs/nli_train.yaml", overrides=["run.output_dir=s3://my-bucket/ce-ray/nli"],
+    job_id = ray_jobs.submit("jobs/nli_train.yaml", overrides=["run.output_dir=s3://my-bucket/ce-ray/nli"],
                          address="http://127.0.0.1:8265")
-    for chunk in jobs.follow_logs(job_id, address="http://127.0.0.1:8265"):
+    for chunk in ray_jobs.follow_logs(job_id, address="http://127.0.0.1:8265"):
         print(chunk, end="")
-    jobs.wait(job_id, timeout=3600, address="http://127.0.0.1:8265")  # JobStatus.SUCCEEDED
+    ray_jobs.wait(job_id, timeout=3600, address="http://127.0.0.1:8265")  # JobStatus.SUCCEEDED
 
 Addresses: ``address`` is the dashboard URL (``http://127.0.0.1:8265`` through ``ray dashboard
 cluster.yaml``). Left out, Ray reads ``RAY_API_SERVER_ADDRESS`` or ``RAY_ADDRESS``; note that

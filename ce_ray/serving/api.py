@@ -268,3 +268,17 @@ def check_predict(request: PredictRequest, cfg: ServeConfig, served: set[str], n
     for i, pair in enumerate(request.pairs):
         for j, text in enumerate(pair):
             _check_text(f"pairs.{i}.{j}", text, cfg)
+
+
+def coerce(model_cls, value):
+    """A request model from a request model or a dict (handle callers may pass either)."""
+    if isinstance(value, model_cls):
+        return value
+    from pydantic import ValidationError
+
+    try:
+        return model_cls.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = field_name(first["loc"])
+        raise ApiError(422, "invalid_request", f"{field}: {first['msg']}", field=field) from None

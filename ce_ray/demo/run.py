@@ -1,6 +1,6 @@
 """``ce-ray demo``: the whole product, offline, on a laptop, in a few minutes.
 
-1. write a small dataset of real sentences (:mod:`ce_ray.demo_data`) to ``<output_dir>/data``;
+1. write a small dataset of real sentences (:mod:`ce_ray.demo.data`) to ``<output_dir>/data``;
 2. train an NLI model (``jobs/demo_nli.yaml``, 2 DDP workers) and print accuracy before/after;
 3. train a reranker (``jobs/demo_rerank.yaml``: labelled hard negatives, BCE) and print MRR/NDCG next
    to the retriever baseline (the zero-shot bi-encoder it starts from);
@@ -28,7 +28,7 @@ __all__ = ["DemoError", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
-JOBS = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
 DEMO_QUERY = "What is the capital of Japan?"
 DEMO_DOCUMENTS = [
@@ -66,7 +66,7 @@ def _metrics(summary: dict, keys: list[str]) -> str:
 
 def _served_quality(model_dir: str) -> dict:
     """Print the served model next to the retriever baseline on the demo's test set (from the model's own file)."""
-    from ce_ray.baseline import read_model_quality
+    from ce_ray.quality import read_model_quality
 
     quality = read_model_quality(model_dir) or {}
     model, baseline = quality.get("model") or {}, quality.get("baseline") or {}
@@ -92,9 +92,9 @@ def _free_port(preferred: int) -> int:
 def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = True, tune: bool = True) -> dict:
     """Run the demo (see module docstring); returns the key numbers."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ce_ray.demo_data import write_demo_data
+    from ce_ray.demo.data import write_demo_data
     from ce_ray.runtime import ensure_ray
-    from ce_ray.train import run_training
+    from ce_ray.training import run_training
 
     started = time.time()
     out = Path(storage.resolve_uri(output_dir))
@@ -129,7 +129,7 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
 
     # [4] search
     if tune:
-        from ce_ray.tune import run_tuning
+        from ce_ray.tuning import run_tuning
 
         overrides = quick_steps + (["tune.num_samples=2"] if quick else [])
         tune_job = _job("demo_rerank.yaml", out, data, [f"run.output_dir={out / 'rerank-tune'}", "run.name=demo-rerank-tune", *overrides])
@@ -150,7 +150,7 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
     if serve:
         import httpx
 
-        from ce_ray.serve import start_server, stop_server
+        from ce_ray.serving import start_server, stop_server
 
         cfg = load_job(JOBS / "demo_rerank.yaml").serve.model_copy(update={"model": best_model})
         cfg.port = _free_port(cfg.port)

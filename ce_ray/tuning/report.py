@@ -1,6 +1,6 @@
 """The results of a search: one row per trial, plots and a Markdown/HTML summary.
 
-Written by :func:`ce_ray.tune.run_tuning` into ``<output_dir>``:
+Written by :func:`ce_ray.tuning.run_tuning` into ``<output_dir>``:
 
 - ``trials.csv``: trial id, status (COMPLETED, STOPPED_EARLY by the scheduler, ERROR), sampled
   values, loss, final and best metric (and the step of the best), steps, wall time, error;
@@ -23,6 +23,7 @@ from typing import Any
 
 from ce_ray import storage
 from ce_ray.config import LossConfig
+from ce_ray.tasks import best_by, plain_metrics
 
 __all__ = ["trial_rows", "write_report"]
 
@@ -48,14 +49,13 @@ def _status(result, last: dict[str, Any]) -> str:
 def trial_rows(results, metric: str, mode: str, space: dict[str, Any]) -> list[dict[str, Any]]:
     """One dict per trial of a Tune ``ResultGrid`` (see module docstring for the fields)."""
     rows = []
-    sign = 1 if mode == "max" else -1
     for result in results:
         frame = result.metrics_dataframe
         reports = frame.to_dict("records") if frame is not None and metric in frame else []
         reports = [r for r in reports if r.get(metric) == r.get(metric) and r.get(metric) is not None]  # drop NaN
         last = reports[-1] if reports else dict(result.metrics or {})
         with_ckpt = [r for r in reports if r.get("checkpoint_path") and storage.exists(r["checkpoint_path"])]
-        best = max(with_ckpt, key=lambda r: sign * r[metric]) if with_ckpt else None
+        best = best_by(with_ckpt, metric, mode) if with_ckpt else None
         params = {k: result.config[k] for k in space if k in result.config}
         decoded = {k: json.loads(v) if isinstance(v, str) and v.startswith("{") else v for k, v in params.items()}
         rows.append(
@@ -69,8 +69,7 @@ def trial_rows(results, metric: str, mode: str, space: dict[str, Any]) -> list[d
                 f"final_{metric}": last.get(metric),
                 f"best_{metric}": best[metric] if best else None,
                 "best_step": best.get("step") if best else None,
-                "best_metrics": {k[5:]: v for k, v in best.items() if k.startswith("eval_") and isinstance(v, (int, float))
-                                 and k[5:] not in ("runtime", "samples_per_second", "steps_per_second")} if best else {},
+                "best_metrics": plain_metrics(best) if best else {},
                 "best_checkpoint": best["checkpoint_path"] if best else None,
                 "baseline": last.get("baseline_" + metric[len("eval_") :]) if metric.startswith("eval_") else None,
                 "steps": last.get("step"),

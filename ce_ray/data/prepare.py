@@ -1,17 +1,24 @@
-"""Prepared data: rows checked, shaped for the loss and saved where every worker can read them.
+"""Prepared data: the one way from a job to rows every worker can read.
 
-The driver runs :func:`prepare_data` before any worker starts, so bad rows fail the command before
-Ray does any work. The result is saved with ``datasets``' ``save_to_disk`` (Arrow files) under
-``data.cache_dir`` (default ``<run.output_dir>/data``), keyed by a fingerprint of the source files
-and every setting that changes the rows. Workers open it with :func:`load_prepared`: the Arrow
-files are memory-mapped, so N workers on a node share one copy in the page cache instead of
-each holding the dataset, and each worker's sampler reads only its shard.
+:func:`prepare_split` runs the steps once each, in order, on the driver before any worker starts,
+so bad rows fail the command before Ray does any work::
+
+    read (data.read) -> check (data.check) -> group (data.groups) -> mine (data.mining)
+        -> shape (data.shape) -> write (here)
+
+The result is saved with ``datasets``' ``save_to_disk`` (Arrow files) under ``data.cache_dir``
+(default ``<run.output_dir>/data``), keyed by a fingerprint of the source files and every setting
+that changes the rows. Workers open it with :func:`load_prepared`: the Arrow files are
+memory-mapped, so N workers on a node share one copy in the page cache instead of each holding the
+dataset, and each worker's sampler reads only its shard.
 
 Mined negatives are cached the same way, so tune trials that share data mine once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -21,11 +28,24 @@ from typing import Any
 import pyarrow as pa
 
 from ce_ray import storage
-from ce_ray.config import JobConfig
-from ce_ray.data import CheckedRows, RerankGroups, fingerprint, load_split, mine_negatives, rerank_groups, source_fingerprint
-from ce_ray.losses import LOSSES, needs_mining, shape_rows
+from ce_ray.config import ConfigError, JobConfig
+from ce_ray.data.check import CheckedRows, check_rows
+from ce_ray.data.groups import RerankGroups, rerank_groups
+from ce_ray.data.mining import mine_negatives, needs_mining, with_eval_negatives
+from ce_ray.data.read import read_source, source_fingerprint
+from ce_ray.data.shape import shape_rows
+from ce_ray.tasks import LOSSES
 
-__all__ = ["PreparedData", "PreparedSplit", "check_batch_fits", "load_prepared", "prepare_data", "prepare_split"]
+__all__ = [
+    "PreparedData",
+    "PreparedSplit",
+    "check_batch_fits",
+    "fingerprint",
+    "load_prepared",
+    "load_split",
+    "prepare_data",
+    "prepare_split",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +102,16 @@ def _rows_key(job: JobConfig, split: str) -> dict[str, Any]:
     }
 
 
-def mined_groups(job: JobConfig, rows: CheckedRows, groups: RerankGroups, device: str | None = None) -> RerankGroups:
+def load_split(job: JobConfig, split: str, key: str | None = None) -> CheckedRows:
+    """Read and check ``data.<split>`` of a job (steps 1-2, not cached); errors name ``key`` (default ``data.<split>``)."""
+    src = getattr(job.data, split)
+    if src is None:
+        raise ConfigError(f"data.{split}: required for this command; set it in the job file or with --set data.{split}=PATH")
+    key = key or f"data.{split}"
+    return check_rows(read_source(src, key), job, split, key)
+
+
+def _mined(job: JobConfig, groups: RerankGroups, device: str | None) -> RerankGroups:
     """``groups`` plus mined negatives, cached under the data cache by source and mining settings."""
     key = fingerprint(_rows_key(job, "train"), job.data.negatives.model_dump(mode="json"), "mined-v1")
     uri = storage.join(cache_root(job), f"mined-{key}")
@@ -99,31 +128,19 @@ def mined_groups(job: JobConfig, rows: CheckedRows, groups: RerankGroups, device
     return mined
 
 
-def _with_eval_negatives(job: JobConfig, table: pa.Table, device: str | None = None) -> pa.Table:
-    """Rerank eval rows that lack negatives get ``data.negatives.eval_num`` mined ones (as the notebook does)."""
-    cols = table.to_pydict()
-    if all(cols["negative"]):
-        return table
-    groups = RerankGroups(
-        cols["query"],
-        [list(p) + list(n) for p, n in zip(cols["positive"], cols["negative"])],
-        [[1.0] * len(p) + [0.0] * len(n) for p, n in zip(cols["positive"], cols["negative"])],
-        "binary",
-    )
-    cfg = job.data.negatives.model_copy(update={"num": job.data.negatives.eval_num})
-    mined = mine_negatives(groups, cfg, device=device)
-    return pa.table(
-        {
-            "query": mined.queries,
-            "positive": [[d for d, lab in zip(ds, labs) if lab > 0] for ds, labs in zip(mined.docs, mined.labels)],
-            "negative": [[d for d, lab in zip(ds, labs) if lab <= 0] for ds, labs in zip(mined.docs, mined.labels)],
-        },
-        schema=table.schema,
-    )
+def _train_table(job: JobConfig, rows: CheckedRows, device: str | None) -> pa.Table:
+    """Steps 3-5 for training rows: group (rerank), mine when the loss needs it, shape for the loss."""
+    spec = LOSSES[job.loss.name]
+    groups = None
+    if job.task == "rerank":
+        groups = rerank_groups(rows)
+        if needs_mining(spec, groups, job.data.negatives.mine):
+            groups = _mined(job, groups, device)
+    return shape_rows(spec, rows, groups, job.data.negatives.num)
 
 
 def prepare_split(job: JobConfig, split: str, device: str | None = None) -> PreparedSplit:
-    """Check (and for ``train``, shape and maybe mine) one split and save it; reuse a cached copy.
+    """Read, check (and for ``train``: group, mine, shape) one split and save it; reuse a cached copy.
 
     Raises:
         ConfigError / DataError: the split is not configured, or its rows are invalid.
@@ -136,20 +153,15 @@ def prepare_split(job: JobConfig, split: str, device: str | None = None) -> Prep
     uri = storage.join(cache_root(job), f"{split}-{fingerprint(rows_key, 'v1')}")
     meta_uri = storage.join(uri, "ce_ray_split.json")
     if storage.exists(meta_uri):
-        cached = storage.read_json(meta_uri)
         logger.info("data.%s: using prepared rows at %s", split, uri)
-        return PreparedSplit(**cached)
+        return PreparedSplit(**storage.read_json(meta_uri))
     rows = load_split(job, split)
-    table = rows.table
-    if split != "train" and job.task == "rerank":
-        table = _with_eval_negatives(job, table, device=device)
     if split == "train":
-        groups = None
-        if job.task == "rerank":
-            groups = rerank_groups(rows)
-            if needs_mining(job, groups):
-                groups = mined_groups(job, rows, groups, device=device)
-        table = shape_rows(job, rows, groups)
+        table = _train_table(job, rows, device)
+    elif job.task == "rerank":
+        table = with_eval_negatives(rows.table, job.data.negatives, device=device)
+    else:
+        table = rows.table
     _save_table(table, uri)
     prepared = PreparedSplit(uri=uri, rows=table.num_rows, dropped=rows.dropped, columns=table.column_names)
     storage.write_json(meta_uri, asdict(prepared))
@@ -158,8 +170,6 @@ def prepare_split(job: JobConfig, split: str, device: str | None = None) -> Prep
 
 def check_batch_fits(rows: int, batch_size: int, source: str, key: str = "train.batch_size") -> None:
     """Fail before Ray starts when one global batch is larger than the prepared training rows (no step could run)."""
-    from ce_ray.config import ConfigError
-
     if batch_size > rows:
         raise ConfigError(
             f"{key}: {batch_size} is more than the {rows} prepared training rows of {source}, so no step would run; "
@@ -182,3 +192,9 @@ def load_prepared(uri: str):
     from datasets import Dataset
 
     return Dataset.load_from_disk(storage.download_dir(uri))
+
+
+def fingerprint(*parts: Any) -> str:
+    """Short stable hash of JSON-able parts (cache keys for prepared data)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

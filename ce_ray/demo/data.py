@@ -62,7 +62,7 @@ licence; nothing is copied from any dataset (in particular not from the research
 ``shared/data`` that some tests use). Output is deterministic: fixed seeds and fixed lexicons give
 byte-identical files on every run (for given pandas/pyarrow versions).
 
-Usage: ``python -m ce_ray.demo_data OUT_DIR`` writes the files and prints their row counts.
+Usage: ``python -m ce_ray.demo.data OUT_DIR`` writes the files and prints their row counts.
 """
 
 from __future__ import annotations
@@ -1441,7 +1441,7 @@ def write_demo_data(out_dir: str | Path) -> dict[str, str]:
 
 def _main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print("usage: python -m ce_ray.demo_data OUT_DIR", file=sys.stderr)
+        print("usage: python -m ce_ray.demo.data OUT_DIR", file=sys.stderr)
         return 2
     paths = write_demo_data(argv[0])
     for key, path in paths.items():

@@ -1,4 +1,4 @@
-"""The retriever a reranker has to beat, scored on the same rows, and the verdict.
+"""How good a trained model is: its test score, the retriever it has to beat, and the verdict.
 
 A reranker is worth deploying only if it ranks better than what the user already has: the
 bi-encoder that retrieves (and, in ce-ray, mines negatives with and initialises the cross-encoder
@@ -12,7 +12,9 @@ and re-runs score it once.
 and :func:`write_model_quality` / :func:`read_model_quality` keep that comparison inside the model
 directory (``ce_ray_quality.json``), so ``ce-ray serve`` can warn from the model alone.
 
-Set ``eval.baseline`` to another bi-encoder, or ``none`` to skip it.
+Set ``eval.baseline`` to another bi-encoder, or ``none`` to skip it. :func:`model_quality` puts it
+together for a staged model (train's ``final/``, tune's ``best/``); :func:`evaluate` scores any model
+directory on a job's rows.
 """
 
 from __future__ import annotations
@@ -24,10 +26,20 @@ from typing import Any
 
 from ce_ray import storage
 from ce_ray.config import JobConfig
-from ce_ray.data import fingerprint
-from ce_ray.prepare import PreparedSplit, cache_root, load_prepared
+from ce_ray.data.prepare import PreparedSplit, cache_root, fingerprint, load_prepared, load_split
+from ce_ray.modeling import load_for_inference
+from ce_ray.tasks import TASKS
 
-__all__ = ["QUALITY_FILE", "baseline_metrics", "read_model_quality", "verdict", "write_model_quality"]
+__all__ = [
+    "QUALITY_FILE",
+    "baseline_metrics",
+    "evaluate",
+    "model_quality",
+    "read_model_quality",
+    "score_baseline",
+    "verdict",
+    "write_model_quality",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +113,61 @@ def read_model_quality(model_dir: str) -> dict[str, Any] | None:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def score_baseline(job: JobConfig, eval_split: PreparedSplit, test_split: PreparedSplit | None) -> None:
+    """Score the retriever baseline before training (cached; a bad eval.baseline fails before Ray starts)."""
+    if job.baseline_model is None:
+        return
+    metric = TASKS[job.task].primary_metric
+    for split_name, split in (("eval", eval_split), ("test", test_split)):
+        metrics = baseline_metrics(job, split)
+        if metrics is not None:
+            print(f"retriever baseline ({job.baseline_model}, zero-shot cosine) on {split_name}: {metric} {metrics[metric]:.4f}", flush=True)
+
+
+def model_quality(
+    job: JobConfig,
+    model_dir: str,
+    eval_metrics: dict[str, float],
+    eval_split: PreparedSplit,
+    test_split: PreparedSplit | None,
+) -> dict[str, Any]:
+    """Score a staged model on the test rows and set it beside the retriever baseline (written into the model dir).
+
+    Returns ``{task, metric, model: {eval, test}, baseline: {model, eval, test}, verdict}``.
+    """
+    task = TASKS[job.task]
+    test = None
+    if test_split is not None:  # held-out rows, scored once with the exported model
+        test_rows = load_prepared(test_split.uri).data.table
+        test = task.evaluate(load_for_inference(model_dir), test_rows, job.train.eval_batch_size)
+    baseline = {
+        "model": job.baseline_model,
+        "eval": baseline_metrics(job, eval_split),
+        "test": baseline_metrics(job, test_split),
+    }
+    model = {"eval": eval_metrics, "test": test}
+    quality = {
+        "task": job.task,
+        "metric": task.primary_metric,
+        "model": model,
+        "baseline": baseline if job.baseline_model else None,
+        "verdict": verdict(task.primary_metric, model, baseline, job.baseline_model) if job.baseline_model else None,
+    }
+    write_model_quality(model_dir, quality)
+    return quality
+
+
+def evaluate(
+    job: JobConfig, model: str, split: str = "test", device: str | None = None, key: str | None = None
+) -> dict[str, Any]:
+    """Score the model directory (or name) ``model`` on ``data.<split>`` of ``job``.
+
+    The rows are read and checked as for training (not cached, no negatives mined; errors name ``key``,
+    default ``data.<split>``). Returns the
+    task's metrics with plain names (``accuracy``, ``ndcg@10``...) plus ``rows`` and ``dropped``.
+    """
+    rows = load_split(job, split, key)
+    metrics = TASKS[job.task].evaluate(load_for_inference(model, device=device), rows.table, job.train.eval_batch_size)
+    return {"rows": rows.num_rows, "dropped": rows.dropped, **metrics}

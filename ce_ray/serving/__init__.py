@@ -1,0 +1,36 @@
+"""Serve a CrossEncoder over HTTP with Ray Serve: ``POST /rerank``, ``POST /predict``, ``GET /health``, ``GET /info``.
+
+=============  =============================================================================
+module         what it holds
+=============  =============================================================================
+``app``        build, start and stop the application (:func:`start_server`, ``app_builder``)
+``ingress``    the FastAPI routes: validation, API key, every error mapped to JSON
+``model``      the model deployment: one CrossEncoder per replica, batching across requests
+``batching``   token-budget forward passes over length-sorted pairs
+``api``        request and response models, limits (the HTTP contract)
+=============  =============================================================================
+
+``serve run ce_ray.serving:app_builder`` (or ``jobs/serve.yaml``) runs the same app with Ray's CLI.
+"""
+
+from ce_ray.serving.app import (
+    API_KEY_ENV,
+    APP_NAME,
+    app_builder,
+    quality_warning,
+    serve_forever,
+    start_server,
+    stop_server,
+    wait_until_ready,
+)
+
+__all__ = [
+    "API_KEY_ENV",
+    "APP_NAME",
+    "app_builder",
+    "quality_warning",
+    "serve_forever",
+    "start_server",
+    "stop_server",
+    "wait_until_ready",
+]

@@ -1,0 +1,231 @@
+"""The Serve application: build it from a :class:`~ce_ray.config.ServeConfig`, start it, stop it.
+
+Run it::
+
+    ce-ray serve --model runs/rerank-tune/best          # a model dir, or a train/tune output_dir (best/, final/)
+    ce-ray serve jobs/serve.yaml --set serve.num_gpus=0.5
+    serve run jobs/serve.yaml                           # Ray's CLI, same app (see the file's header)
+
+Call it (OpenAPI docs at ``http://127.0.0.1:8000/docs``)::
+
+    curl -s 127.0.0.1:8000/rerank -H 'content-type: application/json' \\
+        -d '{"query": "How many people live in Berlin?", "documents": ["Berlin has 3.5M people.", "Paris"], "top_n": 1}'
+    curl -s 127.0.0.1:8000/predict -H 'content-type: application/json' -d '{"pairs": [["A man eats", "Someone eats"]]}'
+
+From inside the cluster (another deployment, a Ray task), skip HTTP and call the app's handle. Its methods
+take a request model or a dict, return the response model, and raise :class:`~ce_ray.serving.api.ApiError`
+for bad input; there is no API key on this path::
+
+    handle = serve.get_app_handle("ce-ray")
+    response = await handle.rerank.remote({"query": "...", "documents": ["...", "..."]})  # a RerankResponse
+    labels = handle.predict.remote({"pairs": [["premise", "hypothesis"]]}).result()    # from sync code
+
+An app is two deployments: :class:`~ce_ray.serving.model.CrossEncoderModel` (the model, batching) and
+:class:`~ce_ray.serving.ingress.CrossEncoderAPI` (the FastAPI ingress). Scale with ``num_replicas`` (or
+``auto`` with ``min_replicas``/``max_replicas``/``target_ongoing_requests``), fractional
+``num_cpus``/``num_gpus`` per replica, ``max_concurrent_requests`` per replica before 503. The API key is
+``api_key`` or the ``CE_RAY_API_KEY`` environment variable. Binds to ``host`` (127.0.0.1 unless told
+otherwise) and ``port``.
+"""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+from ray import serve
+from ray.serve import Application
+
+from ce_ray import storage
+from ce_ray.config import ConfigError, ServeConfig, load_job
+from ce_ray.modeling import is_model_dir, is_remote, locate_model
+from ce_ray.quality import QUALITY_FILE
+from ce_ray.serving.ingress import HEALTH_TIMEOUT_S, CrossEncoderAPI
+from ce_ray.serving.model import CrossEncoderModel
+
+__all__ = [
+    "API_KEY_ENV",
+    "APP_NAME",
+    "app_builder",
+    "quality_warning",
+    "serve_forever",
+    "start_server",
+    "stop_server",
+    "wait_until_ready",
+]
+
+API_KEY_ENV = "CE_RAY_API_KEY"
+APP_NAME = "ce-ray"
+
+
+def _replica_options(cfg: ServeConfig) -> dict:
+    if cfg.num_replicas == "auto":
+        scale = {
+            "autoscaling_config": {
+                "min_replicas": cfg.min_replicas,
+                "max_replicas": cfg.max_replicas,
+                "target_ongoing_requests": cfg.target_ongoing_requests,
+            }
+        }
+    else:
+        scale = {"num_replicas": cfg.num_replicas}
+    return {**scale, "max_ongoing_requests": cfg.max_concurrent_requests}
+
+
+def _check_model_path(cfg: ServeConfig) -> None:
+    """``serve.model`` holds a model (a remote one is only looked at here: the replicas download it)."""
+    if not cfg.model:
+        raise ConfigError("serve.model: required; a CrossEncoder directory or a train/tune output_dir (--model DIR)")
+    try:
+        path = locate_model(cfg.model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"serve.model: {exc}") from None
+    looks_local = os.path.isabs(cfg.model) or cfg.model.startswith((".", "~")) or os.path.exists(cfg.model)
+    if not is_remote(path) and looks_local and not is_model_dir(path):
+        raise ConfigError(f"serve.model: {cfg.model} is not a model directory (config.json and weights)")
+
+
+def quality_warning(model: str) -> str | None:
+    """The warning of a model ce-ray trained that ranks worse than its retriever baseline, or None.
+
+    Read from the model's own ``ce_ray_quality.json`` (written by ``ce-ray train``/``tune``).
+    """
+    try:
+        uri = storage.join(locate_model(model), QUALITY_FILE)
+    except (FileNotFoundError, ValueError):
+        return None
+    quality = storage.read_json(uri) if storage.exists(uri) else None
+    verdict = (quality or {}).get("verdict")
+    if not verdict or verdict.get("beats", True):
+        return None
+    return f"{model}: {verdict['message']}"
+
+
+def app_builder(args: ServeConfig) -> Application:
+    """The Serve application for ``args`` (a :class:`ServeConfig` or a dict of its fields).
+
+    Ray's typed app builder: ``serve run jobs/serve.yaml`` passes the YAML's ``args`` here and
+    Ray validates them into a :class:`ServeConfig`. The API key falls back to ``CE_RAY_API_KEY``
+    (read where the app is built). ``host``/``port`` are not app settings: ``start_server`` passes
+    them to ``serve.start``; with ``serve run`` they come from the config's ``http_options``.
+
+    Raises:
+        ConfigError: an unknown or invalid field, or ``model`` missing or not a model directory.
+    """
+    if not isinstance(args, ServeConfig):
+        args = load_job(base={"task": "rerank", "serve": dict(args)}).serve
+    cfg = args.model_copy(update={"api_key": args.api_key or os.environ.get(API_KEY_ENV) or None})
+    _check_model_path(cfg)
+    model = CrossEncoderModel.options(
+        **_replica_options(cfg), ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+    ).bind(cfg)
+    return CrossEncoderAPI.options(
+        **_replica_options(cfg), max_queued_requests=cfg.max_concurrent_requests
+    ).bind(model, cfg)
+
+
+def start_server(
+    cfg: ServeConfig, name: str = APP_NAME, *, wait: bool = True, access_log: bool = True, timeout_s: float = 180.0
+) -> str:
+    """Deploy the app on Ray Serve (starting Ray and Serve as needed); return its base URL.
+
+    Non-blocking: the server keeps running after this returns, until :func:`stop_server`. Serve's
+    HTTP host and port are cluster-wide: if Serve already runs, its address is kept (and returned).
+
+    Args:
+        cfg: the serve section of a job.
+        name: Serve application name; several apps (e.g. a reranker and an NLI model) can run side by
+            side under different ``cfg.route_prefix``.
+        wait: wait until GET /health answers 200. With ``wait=False`` start several apps, then call
+            :func:`wait_until_ready` for each: their replicas start in parallel.
+        access_log: log every request in the replica logs.
+        timeout_s: how long to wait for the app to become healthy.
+
+    Raises:
+        ConfigError: see :func:`app_builder`.
+        RuntimeError: the app failed to deploy (e.g. the model does not load) or never got healthy.
+
+    Example::
+
+        url = start_server(ServeConfig(model="runs/rerank-tune/best", port=8000))
+        httpx.post(f"{url}/rerank", json={"query": "q", "documents": ["a", "b"]}).json()
+        stop_server()
+    """
+    from ce_ray.runtime import ensure_ray
+
+    application = app_builder(cfg)  # validates before touching Ray
+    ensure_ray()
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    target = serve.RunTarget(
+        target=application, name=name, route_prefix=cfg.route_prefix, logging_config={"enable_access_log": access_log}
+    )
+    serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    url = _base_url(cfg)
+    if wait:
+        wait_until_ready(url, name, timeout_s)
+    return url
+
+
+def wait_until_ready(url: str, name: str = APP_NAME, timeout_s: float = 180.0) -> None:
+    """Block until ``{url}/health`` answers 200; raise RuntimeError if app ``name`` fails to deploy or times out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:  # replicas start and the proxy learns the route asynchronously: poll readiness, bounded
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"Serve app {name!r} failed to deploy:\n{status.message}")
+        try:
+            if httpx.get(f"{url}/health", timeout=HEALTH_TIMEOUT_S + 1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}/health did not answer 200 within {timeout_s:.0f}s")
+        time.sleep(0.25)
+
+
+def _base_url(cfg: ServeConfig) -> str:
+    host, port = cfg.host, cfg.port
+    try:  # the address Serve really uses (it keeps the first one it was started with)
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config
+        host, port = http.host, http.port
+    except Exception:
+        pass
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    prefix = cfg.route_prefix.rstrip("/")
+    return f"http://{host}:{port}{prefix}"
+
+
+def stop_server(name: str | None = None) -> None:
+    """Delete app ``name`` (Serve stays up while other apps run); without a name, shut Serve down."""
+    if name is not None:
+        serve.delete(name)
+        if serve.status().applications:
+            return
+    serve.shutdown()
+
+
+def serve_forever(cfg: ServeConfig) -> None:
+    """``ce-ray serve``: start the server, print its URL, block until Ctrl-C (or SIGTERM), shut down."""
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    warning = quality_warning(cfg.model) if cfg.model else None
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    url = start_server(cfg)
+    print(f"serving {cfg.model_name or cfg.model} at {url}  (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stop_server(APP_NAME)

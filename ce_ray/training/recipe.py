@@ -1,0 +1,177 @@
+"""The recipe every Ray Train worker runs: one ``CrossEncoderTrainer`` per worker, real DDP.
+
+:func:`train_loop_per_worker` is the notebook's recipe (model, data, loss, evaluator, arguments,
+trainer, train) with three changes for Ray: each worker trains on its shard of the prepared rows,
+reports to Ray Train at every save, and resumes from Ray's latest checkpoint. What it measures
+about itself lives in :mod:`ce_ray.training.instrument`.
+
+Two traps handled here: ``CrossEncoderTrainingArguments`` on CPU stays NOT_PARALLEL unless
+``use_cpu=True`` (each worker would silently train on everything), and HF's default
+``ddp_find_unused_parameters=True`` breaks DDP for CrossEncoders (it cannot see the tensors in
+the model's output and marks every parameter unused, then "ready twice").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import ray.train
+
+from ce_ray.config import JobConfig, job_from_dict
+from ce_ray.data.prepare import PreparedData, load_prepared
+from ce_ray.modeling import load_cross_encoder, set_pad_multiple
+from ce_ray.tasks import LOSSES, TASKS, build_loss
+from ce_ray.training.callbacks import CHECKPOINT_SUBDIR, EarlyStopping, Reporter
+from ce_ray.training.instrument import WorkerStats
+
+__all__ = ["native_bf16", "pad_multiple", "resolve_precision", "train_loop_per_worker", "training_arguments"]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs. ``config``: ``job`` (dict), ``data`` (PreparedData dict), ``stats_dir``."""
+    from ray.train.huggingface.transformers import prepare_trainer
+    from sentence_transformers.cross_encoder import CrossEncoderTrainer
+    from transformers import set_seed
+
+    # [1] The job, and this worker's place in the group.
+    job = job_from_dict(config["job"])
+    prepared = PreparedData.from_dict(config["data"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    task = TASKS[job.task]
+    stats = WorkerStats(config["stats_dir"], rank, world_size, job.run.log_row_ids)
+
+    # [2] Model: loaded on CPU; the trainer moves it to this worker's device. Seeded first, so a new
+    #     head starts the same on every rank and in every run. On CPU, use the cores this worker
+    #     reserved (Ray would otherwise leave torch with one thread).
+    set_seed(job.train.seed)
+    if not job.scaling.use_gpu:
+        import torch
+
+        torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
+    model = load_cross_encoder(job.model, job.task, device="cpu")
+    set_pad_multiple(model, pad_multiple(job))
+
+    # [3] Data: memory-mapped Arrow files; HF's distributed sampler hands this rank its shard.
+    train_dataset = load_prepared(prepared.train.uri)
+    eval_rows = load_prepared(prepared.eval.uri).data.table
+
+    # [4] Loss (shaped for the rows) and evaluator (run by rank 0, others lend forward passes).
+    loss = build_loss(job.loss, model, train_dataset.data.table)
+    evaluator = stats.wrap_evaluator(task.evaluator(eval_rows, job.train.eval_batch_size))
+
+    # [5] Arguments: per-worker batch = global batch / world size; resume from Ray's latest checkpoint.
+    checkpoint = ray.train.get_checkpoint()
+    local_dir = tempfile.mkdtemp(prefix=f"ce_ray_rank{rank}_")  # per rank: no two ranks share a dir
+    args = training_arguments(job, world_size, local_dir, resuming=checkpoint is not None)
+
+    # [6] Trainer, wired to Ray Train.
+    callbacks: list = [Reporter(rank, world_size)]
+    stopper = None
+    if job.train.early_stopping_patience:
+        stopper = EarlyStopping(task.tune_metric, task.mode, job.train.early_stopping_patience)
+        callbacks.append(stopper)
+    trainer = CrossEncoderTrainer(
+        model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=evaluator, callbacks=callbacks
+    )
+    trainer = prepare_trainer(trainer)
+    stats.attach(trainer)
+
+    # [7] Train (the evaluation at step 0 is the baseline; a resumed run already has it).
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            output = trainer.train(resume_from_checkpoint=os.path.join(ckpt_dir, CHECKPOINT_SUBDIR))
+    else:
+        output = trainer.train()
+
+    stats.finish(trainer, output, resumed=checkpoint is not None, early_stopped_at=stopper.stopped_at if stopper else None)
+    shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def training_arguments(job: JobConfig, world_size: int, output_dir: str, resuming: bool):
+    """``CrossEncoderTrainingArguments`` for one worker of a ``world_size``-worker run."""
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
+
+    from ce_ray.training.batching import LengthGroupedBatchSampler
+
+    t, run = job.train, job.run
+    precision = resolve_precision(t.precision, job.scaling.use_gpu)
+    if LOSSES[job.loss.name].in_batch:  # in-batch negatives must not be duplicates of the positive
+        sampler = BatchSamplers.NO_DUPLICATES
+    else:
+        sampler = LengthGroupedBatchSampler if t.group_by_length else BatchSamplers.BATCH_SAMPLER
+    return CrossEncoderTrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=t.batch_size // world_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler,
+        seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        tf32=True if job.scaling.use_gpu and _supports_tf32() else None,
+        # Without use_cpu the args stay NOT_PARALLEL on CPU and every worker trains on all rows.
+        use_cpu=not job.scaling.use_gpu,
+        ddp_find_unused_parameters=False,
+        dataloader_drop_last=world_size > 1,
+        dataloader_num_workers=0 if run.log_row_ids else t.dataloader_workers,
+        dataloader_pin_memory=job.scaling.use_gpu,
+        eval_strategy="steps",
+        eval_steps=run.checkpoint_every,
+        eval_on_start=not resuming,
+        save_strategy="steps",
+        save_steps=run.checkpoint_every,
+        save_total_limit=1,  # local copies only; Ray keeps the uploaded ones
+        logging_steps=max(1, min(run.checkpoint_every, 50)),
+        report_to="none",
+        disable_tqdm=True,
+        batch_sampler=sampler,
+        torch_compile=t.compile,
+        optim=t.optimizer,
+    )
+
+
+def native_bf16(use_gpu: bool) -> bool:
+    """Whether this machine computes bf16 natively: a GPU with bf16, or a CPU with avx512_bf16/amx_bf16 (or Arm bf16)."""
+    import platform
+
+    import torch
+
+    if use_gpu:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: no cheap way to tell, stay with fp32
+        return False
+    if {"avx512_bf16", "amx_bf16"} & flags:
+        return True
+    return platform.machine() in ("aarch64", "arm64") and "bf16" in flags
+
+
+def resolve_precision(precision: str, use_gpu: bool) -> str:
+    """``train.precision`` on this worker: ``auto`` = bf16 where it is native (:func:`native_bf16`), else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(use_gpu) else "fp32"
+
+
+def pad_multiple(job: JobConfig) -> int | None:
+    """``train.pad_to_multiple_of``, or its default: 8 on GPU (tensor-core friendly shapes), none on CPU."""
+    if job.train.pad_to_multiple_of is not None:
+        return job.train.pad_to_multiple_of
+    return 8 if job.scaling.use_gpu else None
+
+
+def _supports_tf32() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8

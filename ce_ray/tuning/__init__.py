@@ -1,0 +1,17 @@
+"""Hyperparameter search: Ray Tune runs one Ray Train ``TorchTrainer`` per trial.
+
+=============  =============================================================================
+module         what it holds
+=============  =============================================================================
+``driver``     :func:`run_tuning`: checks before Ray, the experiment, refit, ``best/``
+``space``      the search space: defaults, validation, Tune domains, the searcher
+``report``     ``trials.csv``, plots and ``report.md``/``report.html``
+=============  =============================================================================
+
+The ray#54305 workaround the experiment needs lives in :mod:`ce_ray.workarounds.ray_54305`.
+"""
+
+from ce_ray.tuning.driver import TuneOutcome, run_tuning
+from ce_ray.tuning.space import search_space
+
+__all__ = ["TuneOutcome", "run_tuning", "search_space"]
