@@ -8,13 +8,17 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean constraints
 
-$(VENV)/.installed: pyproject.toml
+# Versions come from constraints.txt (what CI tested); CONSTRAINTS= installs the newest within the floors.
+CONSTRAINTS ?= constraints.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[serve,test]"
+	$(PY) -m pip install -q "$(TORCH)" $(PIP_C)
+	$(PY) -m pip install -q -e ".[serve,test]" $(PIP_C)
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,6 +35,11 @@ test-fast: install
 bench: install
 	$(PY) bench/train_throughput.py
 	$(PY) bench/serve_load.py
+
+# Re-pin constraints.txt from the current .venv (after `make install CONSTRAINTS=` to take new versions).
+constraints:
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf demo_runs runs

@@ -570,6 +570,16 @@ class JobConfig(_Section):
                 [f"data.{s}: required for this command; set it in the job file or with --set data.{s}=PATH" for s in missing]
             )
 
+    def for_run(self) -> JobConfig:
+        """A copy ready for ``train``/``tune``: data.train and data.eval set (else :class:`ConfigError`), and
+        ``run.output_dir`` an absolute path or URI, so workers on other nodes and processes see the same place."""
+        from ce_ray.storage import resolve_uri
+
+        self.require_data("train", "eval")
+        job = self.model_copy(deep=True)
+        job.run.output_dir = resolve_uri(job.run.output_dir)
+        return job
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-safe dict that :meth:`model_validate` turns back into the same job."""
         return self.model_dump(mode="json")

@@ -48,7 +48,9 @@ if TYPE_CHECKING:
     import torch
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    from ce_ray.config import LossConfig
+# A job's ``train.loss`` (``ce_ray.config.LossConfig``: ``name`` plus the options below); the schema reads
+# this module, so this module does not import the schema.
+LossConfig = Any
 
 __all__ = ["LOSSES", "LOSS_OPTIONS", "NLI", "RERANK", "TASKS", "LossSpec", "Task", "best_by", "losses_for", "plain_metrics"]
 

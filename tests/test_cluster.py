@@ -370,7 +370,7 @@ def job_file(shared, tiny_model, nli_files) -> Path:
     if "placement_strategy" not in ScalingConfig.model_fields:
         pytest.fail(
             "needs scaling.placement_strategy (PACK|SPREAD|STRICT_PACK|STRICT_SPREAD) in ce_ray/config.py, "
-            "passed to ray.train.ScalingConfig(placement_strategy=...) in ce_ray/train.py"
+            "passed to ray.train.ScalingConfig(placement_strategy=...) in ce_ray/training/driver.py"
         )
     job = {
         "task": "nli",

@@ -123,6 +123,7 @@ def save_in_memory(rows: Any, job: Any, split: str) -> dict[str, Any]:
             f"data.{split}: in-memory rows must be a datasets.Dataset, pyarrow.Table or pandas.DataFrame, "
             f"got {type(rows).__name__}; or give a file path"
         )
+    table = table.replace_schema_metadata(None)  # pandas/datasets metadata: the same rows give the same file
     inputs = storage.join(job.data.cache_dir or storage.join(job.run.output_dir, "data"), "inputs")
     with tempfile.TemporaryDirectory(prefix="ce_ray_rows_") as tmp:
         local = os.path.join(tmp, "rows.parquet")

@@ -161,10 +161,8 @@ def run_training(job: JobConfig) -> TrainOutcome:
         ray.train.TrainingFailedError: when training fails beyond ``run.max_failures`` restarts.
     """
     started = time.time()
-    job.require_data("train", "eval")
-    out = storage.resolve_uri(job.run.output_dir)
-    job = job.model_copy(deep=True)
-    job.run.output_dir = out
+    job = job.for_run()
+    out = job.run.output_dir
 
     # [1] Model config and data: checked, shaped and saved before any cluster work.
     check_model(job.model)

@@ -290,9 +290,8 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
     from ray.train import Checkpoint
 
     started = time.time()
-    job.require_data("train", "eval")
-    job = job.model_copy(deep=True)
-    job.run.output_dir = out = storage.resolve_uri(job.run.output_dir)
+    job = job.for_run()
+    out = job.run.output_dir
     task = TASKS[job.task]
     metric = job.tune.metric or task.tune_metric
     mode = job.tune.mode or task.mode
