@@ -59,7 +59,7 @@ def _job(job: JobLike, overrides: list[str] | None, data: dict[str, Any] | None)
         if overrides:
             from ce_ray.config import apply_override, parse_overrides
 
-            raw = job.to_dict()
+            raw = job.to_dict(secrets=True)
             for key, value in parse_overrides(overrides):
                 apply_override(raw, key, value)
             job = job_from_dict(raw, "overrides")
@@ -70,7 +70,7 @@ def _job(job: JobLike, overrides: list[str] | None, data: dict[str, Any] | None)
     if data:
         from ce_ray.data.read import save_in_memory
 
-        raw = job.to_dict()
+        raw = job.to_dict(secrets=True)
         for split, rows in data.items():
             if split not in ("train", "eval", "test"):
                 raise ConfigError(f"data: unknown split {split!r}; use train, eval or test")

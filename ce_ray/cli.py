@@ -191,6 +191,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ce_ray.serving import serve_forever
 
     overrides = list(args.overrides)
+    if args.api_key is not None and not args.api_key.strip():
+        raise ConfigError("--api-key: empty, which would serve without authentication; give a real key or leave it out")
     for key in ("model", "host", "port", "api_key"):
         value = getattr(args, key)
         if value is not None:

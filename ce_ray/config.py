@@ -431,11 +431,51 @@ class ServeConfig(_Section):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     route_prefix: str = Field("/", description="URL prefix of the API.")
     api_key: str | None = Field(
-        None, description="Require 'Authorization: Bearer <key>'. Prefer the CE_RAY_API_KEY environment variable."
+        None,
+        description="Require 'Authorization: Bearer <key>' (checked before the body is read). Prefer the "
+        "CE_RAY_API_KEY environment variable; an empty key is refused. Never written into ce-ray's output files.",
+    )
+    docs_public: bool | None = Field(
+        None,
+        description="Serve /docs, /redoc and /openapi.json without the API key. Default: true without a key, "
+        "false with one (then they need the key like every route but /health).",
     )
     max_documents: int = Field(1000, ge=1, description="Most documents in one /rerank request.")
     max_pairs: int = Field(1000, ge=1, description="Most pairs in one /predict request.")
     max_text_chars: int = Field(20000, ge=1, description="Longest accepted text, in characters (longer -> 413).")
+    max_body_bytes: int = Field(
+        2_000_000,
+        ge=1024,
+        description="Largest request body (2 MB, like TEI); checked from Content-Length and while the body "
+        "streams in, before it is parsed (larger -> 413).",
+    )
+    max_query_tokens: int = Field(
+        64,
+        ge=1,
+        description="Tokens kept of a pair's first text (the query) when the pair is longer than the model's "
+        "max length; the document gets the rest. Texts are tokenized once each and cut by tokens.",
+    )
+    max_request_tokens: int = Field(
+        131072,
+        ge=8,
+        description="Most tokens (after truncation) one request may have scored; more -> 413. Bounds the work one "
+        "request can ask for (the default is 256 documents at 512 tokens).",
+    )
+    request_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Deadline of a request inside the app (queueing and scoring); past it the client gets a JSON "
+        "504. Ray's proxy also stops requests 5 s after it.",
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for the next part of a request body; a body that stalls -> 408."
+    )
+    max_queued_requests: int = Field(
+        64,
+        ge=1,
+        description="Requests waiting for a busy model replica (per caller) before new ones get 503 with "
+        "Retry-After, instead of waiting for minutes.",
+    )
     model_name: str | None = Field(
         None,
         description="Name the API reports and accepts in a request's 'model' field; default: serve.model as given.",
@@ -467,6 +507,11 @@ class ServeConfig(_Section):
 
     @model_validator(mode="after")
     def _serve_checks(self) -> ServeConfig:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError(
+                "api_key is empty: an empty key would serve without authentication; set a real key "
+                "(serve.api_key or CE_RAY_API_KEY) or leave it unset"
+            )
         if self.max_batch_requests > self.max_concurrent_requests:
             raise ValueError(
                 f"max_batch_requests ({self.max_batch_requests}) is larger than max_concurrent_requests "
@@ -538,6 +583,7 @@ class JobConfig(_Section):
             errors.append("train.precision: fp16 needs a GPU (scaling.use_gpu: true); use bf16 or fp32 on CPU")
         if self.scaling.use_gpu and self.scaling.gpus_per_worker > 1 and not float(self.scaling.gpus_per_worker).is_integer():
             errors.append("scaling.gpus_per_worker: above 1 it must be a whole number of GPUs")
+        errors.extend(_inline_credentials(self.model_dump(mode="json")))
         if self.serve.num_replicas == "auto" and self.serve.min_replicas > self.serve.max_replicas:
             errors.append("serve.min_replicas: larger than serve.max_replicas")
         if errors:
@@ -580,9 +626,39 @@ class JobConfig(_Section):
         job.run.output_dir = resolve_uri(job.run.output_dir)
         return job
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-safe dict that :meth:`model_validate` turns back into the same job."""
-        return self.model_dump(mode="json")
+    def to_dict(self, secrets: bool = False) -> dict[str, Any]:
+        """Plain, JSON-safe dict that :meth:`model_validate` turns back into the same job.
+
+        ``serve.api_key`` is left out (None) unless ``secrets``: this dict is what ce-ray writes into files
+        (``best.json``, Tune's experiment state, ``validate --show``) and hands to Ray workers, none of which
+        need the key.
+        """
+        raw = self.model_dump(mode="json")
+        if not secrets:
+            raw["serve"]["api_key"] = None
+        return raw
+
+
+_CREDENTIAL_PARAMS = ("access_key", "secret_key", "session_token", "credentials", "token")
+
+
+def _inline_credentials(raw: Any, key: str = "") -> list[str]:
+    """One error per URI that carries credentials in its query (they would be copied into every file ce-ray writes)."""
+    if isinstance(raw, dict):
+        return [e for k, v in raw.items() for e in _inline_credentials(v, f"{key}.{k}" if key else k)]
+    if isinstance(raw, list):
+        return [e for i, v in enumerate(raw) for e in _inline_credentials(v, f"{key}.{i}")]
+    if isinstance(raw, str) and "://" in raw and "?" in raw:
+        from urllib.parse import parse_qs, urlsplit
+
+        found = sorted(set(parse_qs(urlsplit(raw).query)) & set(_CREDENTIAL_PARAMS))
+        if found:
+            return [
+                f"{key}: credentials in the URI ({', '.join(found)}) would be written into ce-ray's files and sent "
+                "to every worker; remove them and set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or the GCS "
+                "equivalent) in the environment, which ce-ray passes to Ray workers"
+            ]
+    return []
 
 
 # --------------------------------------------------------------------------------------------

@@ -167,3 +167,36 @@ def test_optuna_models_results_after_a_third_of_a_small_search():
     assert startup("tune.num_samples=64", "tune.startup_trials=20") == 20
     searcher = build_searcher(load_job(None, ["task=rerank", "tune.num_samples=12"]), "eval_ndcg@10", "max", 1)
     assert searcher._sampler._n_startup_trials == 4  # what Optuna is actually given
+
+
+def test_secrets_are_never_written(tmp_path):
+    """serve.api_key is left out of every dict ce-ray writes or ships to workers, and of validate --show."""
+    job = load_job(None, ["task=rerank", "serve.api_key=s3cr3t-key"])
+    assert job.serve.api_key == "s3cr3t-key"
+    assert job.to_dict()["serve"]["api_key"] is None
+    assert job.to_dict(secrets=True)["serve"]["api_key"] == "s3cr3t-key"
+    path = tmp_path / "job.yaml"
+    path.write_text("task: rerank\nserve: {api_key: s3cr3t-key}\n")
+    proc = subprocess.run([sys.executable, "-m", "ce_ray.cli", "validate", str(path), "--show"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "s3cr3t-key" not in proc.stdout + proc.stderr
+
+
+def test_credentials_in_uris_are_refused_with_the_fix():
+    with pytest.raises(ConfigError) as caught:
+        load_job(None, ["task=nli", "run.output_dir=s3://bucket/runs?region=eu-west-1&secret_key=abc&access_key=x"])
+    assert caught.value.errors == [
+        "run.output_dir: credentials in the URI (access_key, secret_key) would be written into ce-ray's files and sent "
+        "to every worker; remove them and set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or the GCS equivalent) in the "
+        "environment, which ce-ray passes to Ray workers"
+    ]
+    load_job(None, ["task=nli", "run.output_dir=s3://bucket/runs?endpoint_override=http://127.0.0.1:9000"])  # no secret
+
+
+def test_an_empty_api_key_on_the_command_line_is_refused():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ce_ray.cli", "serve", "--model", "somewhere", "--api-key", ""],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --api-key: empty, which would serve without authentication; give a real key or leave it out"

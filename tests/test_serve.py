@@ -31,7 +31,8 @@ DOCS = [
     "How many people live in Berlin? Lots of them.",
 ]
 PAIRS = [["A man is eating pizza", "A man eats something"], ["A cat sleeps", "A dog barks loudly at night"]]
-LIMITS = {"max_documents": 50, "max_pairs": 50, "max_text_chars": 5000}
+LIMITS = {"max_documents": 50, "max_pairs": 50, "max_text_chars": 5000, "max_body_bytes": 200_000}
+MAX_REQUEST_TOKENS = 4000
 
 
 def _free_port() -> int:
@@ -68,9 +69,11 @@ def server(ray_session, model_dirs):
     from ce_ray.serving import start_server, stop_server, wait_until_ready
 
     port = _free_port()
-    common = dict(port=port, num_cpus=0.5, max_batch_size=16, batch_wait_timeout_s=0.2, **LIMITS)
+    common = dict(port=port, num_cpus=0.5, max_batch_size=16, batch_wait_timeout_s=0.2, body_timeout_s=2, **LIMITS)
     rerank_url = start_server(  # both apps start in parallel, then wait for both
-        ServeConfig(model=model_dirs.rerank, model_name="tiny-reranker", api_key=KEY, **common),
+        ServeConfig(
+            model=model_dirs.rerank, model_name="tiny-reranker", api_key=KEY, max_request_tokens=MAX_REQUEST_TOKENS, **common
+        ),
         name="test-rerank",
         wait=False,
         access_log=False,
@@ -164,16 +167,21 @@ def test_predict_returns_labels_and_probabilities(server, model_dirs):
 
 
 def test_health_info_and_docs(server):
-    assert httpx.get(f"{server.rerank}/health").json() == {"status": "ok", "model": "tiny-reranker"}
+    assert httpx.get(f"{server.rerank}/health", headers=AUTH).json() == {"status": "ok", "model": "tiny-reranker"}
+    assert httpx.get(f"{server.rerank}/health").json() == {"status": "ok", "model": None}  # no key: status only
     info = httpx.get(f"{server.rerank}/info", headers=AUTH).json()
     assert info["task"] == "rerank" and info["num_labels"] == 1 and info["max_length"] == 256
     assert info["device"] == "cpu" and info["precision"] == "fp32"
     assert info["limits"]["max_documents"] == LIMITS["max_documents"]
     nli = httpx.get(f"{server.nli}/info").json()
     assert nli["task"] == "nli" and nli["labels"] == ["entailment", "neutral", "contradiction"]
-    assert httpx.get(f"{server.rerank}/docs").status_code == 200
-    paths = httpx.get(f"{server.rerank}/openapi.json").json()["paths"]
+    # with a key, the docs need it too (serve.docs_public defaults to false then); without one they are open
+    assert httpx.get(f"{server.rerank}/docs").status_code == 401
+    assert httpx.get(f"{server.rerank}/openapi.json").status_code == 401
+    assert httpx.get(f"{server.rerank}/docs", headers=AUTH).status_code == 200
+    paths = httpx.get(f"{server.rerank}/openapi.json", headers=AUTH).json()["paths"]
     assert {"/rerank", "/predict", "/health", "/info"} <= set(paths)
+    assert httpx.get(f"{server.nli}/docs").status_code == 200
 
 
 def test_deployment_handle_for_in_cluster_callers(server):
@@ -231,8 +239,13 @@ BAD_RERANK = [
     ({"query": TOO_LONG, "documents": DOCS}, 413, "query"),
     ({"query": QUERY, "documents": ["ok", "ok", TOO_LONG]}, 413, "documents.2"),
     ({"query": QUERY, "documents": DOCS, "model": "some-other-model"}, 404, "model"),
+    (b'{"query": "\\ud800", "documents": ["a"]}', 422, "query"),  # JSON's escape for a lone surrogate: not Unicode
+    ({"query": QUERY, "documents": ["ok", "\u200b\u200b"]}, 422, "documents.1"),  # zero-width spaces only
+    ({"query": QUERY, "documents": ["\ufeff", "ok"]}, 422, "documents.0"),  # a BOM only
+    ({"query": "\x00", "documents": DOCS}, 422, "query"),  # NUL only
     ([QUERY, DOCS], 422, "body"),
     (b"{not json", 400, "body"),
+    (b'{"query": "\xed\xa0\x80", "documents": ["a"]}', 422, "query"),  # raw bytes of a surrogate (json reads them as one)
     (b"", 422, "body"),
 ]
 BAD_PREDICT = [
@@ -276,8 +289,9 @@ def test_rerank_on_a_classifier_is_refused(server):
 
 
 def test_unknown_route_is_json_404(server):
-    response = httpx.get(f"{server.rerank}/nothing-here")
+    response = httpx.get(f"{server.rerank}/nothing-here", headers=AUTH)
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
+    assert httpx.get(f"{server.rerank}/nothing-here").status_code == 401  # without the key nothing is told apart
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,6 +339,137 @@ def test_survives_200_bad_requests(server):
     assert good.status_code == 200 and len(good.json()["results"]) == len(DOCS)
     assert _post(f"{server.nli}/predict", {"pairs": PAIRS}).status_code == 200
     assert httpx.get(f"{server.rerank}/health").status_code == 200
+
+
+def test_poisoned_requests_fail_alone_and_valid_ones_get_their_scores(server, model_dirs):
+    """Hostile texts fired at the same moment as valid requests: each fails alone (4xx), every valid one gets
+    200 and the scores CrossEncoder.rank gives."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    expected = {r["corpus_id"]: r["score"] for r in CrossEncoder(model_dirs.rerank).rank(QUERY, DOCS)}
+    poison = [
+        b'{"query": "\\ud800", "documents": ["a", "b"]}',
+        b'{"query": "q", "documents": ["\xed\xa0\x80"]}',
+        '{"query": "q", "documents": ["\u200b\ufeff\u0000"]}'.encode(),
+        b'{"query": "q", "documents": ["ok", "\\udfff tail"]}',
+        b'{"query": "\\u0000", "documents": ["ok"]}',
+    ]
+
+    async def fire():
+        async with httpx.AsyncClient(timeout=60) as client:
+            headers = {"content-type": "application/json", **AUTH}
+            bad = [client.post(f"{server.rerank}/rerank", content=body, headers=headers) for body in poison]
+            good = [client.post(f"{server.rerank}/rerank", json={"query": QUERY, "documents": DOCS}, headers=AUTH) for _ in range(20)]
+            return await asyncio.gather(*bad), await asyncio.gather(*good)
+
+    bad, good = asyncio.run(fire())
+    assert all(400 <= r.status_code < 500 for r in bad), [(r.status_code, r.text[:200]) for r in bad]
+    assert [r.status_code for r in good] == [200] * 20
+    for response in good:
+        for result in response.json()["results"]:
+            assert result["relevance_score"] == pytest.approx(expected[result["index"]], abs=1e-5)
+
+
+def test_a_batch_that_fails_is_split_so_only_the_bad_request_fails():
+    """score_isolated, the rule the model replica applies to every merged batch."""
+    from ce_ray.serving.batching import score_isolated
+
+    calls = []
+
+    def score(jobs):
+        calls.append(list(jobs))
+        if "poison" in jobs:
+            raise UnicodeError("the tokenizer rejects this text")
+        return [f"scored {job}" for job in jobs]
+
+    out = score_isolated(score, ["a", "poison", "b"])
+    assert out[0] == "scored a" and out[2] == "scored b"
+    assert isinstance(out[1], UnicodeError)
+    assert calls == [["a", "poison", "b"], ["a"], ["poison"], ["b"]]
+    assert score_isolated(score, ["a", "b"]) == ["scored a", "scored b"]
+
+
+def test_cost_is_bounded_by_tokens(server):
+    """Long texts are cut by tokens (query to serve.max_query_tokens when both are long), once each, and a
+    request over serve.max_request_tokens is 413 without touching the others."""
+    long_text = "population " * 450  # 4,950 chars, far over the tiny model's 256 tokens
+    response = _post(f"{server.rerank}/rerank", {"query": long_text, "documents": [long_text] * 3}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    assert usage["truncated_documents"] == 3 and usage["total_tokens"] == 3 * 256
+    over = {"query": long_text, "documents": [f"{i} {long_text}" for i in range(MAX_REQUEST_TOKENS // 256 + 1)]}
+    _assert_error(_post(f"{server.rerank}/rerank", over, headers=AUTH), 413, "body")
+    assert "serve.max_request_tokens" in _post(f"{server.rerank}/rerank", over, headers=AUTH).json()["error"]["message"]
+
+
+def test_key_is_checked_before_the_body_and_the_body_is_bounded(server):
+    url = f"{server.rerank}/rerank"
+    # no key: 401 even for a body that is not JSON (it is never parsed)
+    response = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 401
+    # over serve.max_body_bytes by Content-Length: 413 before it is read
+    big = b'{"query": "q", "documents": ["' + b"x" * LIMITS["max_body_bytes"] + b'"]}'
+    _assert_error(httpx.post(url, content=big, headers={"content-type": "application/json", **AUTH}), 413, "body")
+
+    def chunks():  # chunked, no Content-Length: refused while it streams in
+        yield b'{"query": "q", "documents": ["'
+        for _ in range(40):
+            yield b"y" * 10_000
+
+    _assert_error(httpx.post(url, content=chunks(), headers={"content-type": "application/json", **AUTH}), 413, "body")
+    # many invalid fields: a short error listing a few of them, not one entry per field
+    response = _post(url, {"query": QUERY, "documents": [" "] * 40}, headers=AUTH)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert len(error["errors"]) == 5 and "(and 35 more)" in error["message"] and len(response.content) < 3000
+
+
+def test_a_stalled_body_is_cut_off(server):
+    """A client that sends half a request and stops gets 408 after serve.body_timeout_s (2 s here)."""
+    host, port = server.rerank.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        head = f"POST /rerank HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+        head += "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        sock.sendall(head.encode() + b'{"query": ')
+        answer = sock.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408"), answer[:200]
+    assert '"type":"timeout"' in answer.replace(" ", "")
+
+
+def test_empty_keys_are_refused_and_open_hosts_warned(model_dirs, monkeypatch):
+    from ce_ray.config import ConfigError
+    from ce_ray.serving.app import API_KEY_ENV, app_builder, exposure_warning
+
+    with pytest.raises(ValueError, match="api_key is empty"):
+        ServeConfig(model=model_dirs.rerank, api_key=" ")
+    monkeypatch.setenv(API_KEY_ENV, "")
+    with pytest.raises(ConfigError, match=f"{API_KEY_ENV} is set but empty"):
+        app_builder(ServeConfig(model=model_dirs.rerank))
+    monkeypatch.delenv(API_KEY_ENV)
+    assert exposure_warning(ServeConfig(model=model_dirs.rerank, host="0.0.0.0")).startswith("WARNING: serving on 0.0.0.0")
+    assert exposure_warning(ServeConfig(model=model_dirs.rerank, host="0.0.0.0", api_key="k")) is None
+    assert exposure_warning(ServeConfig(model=model_dirs.rerank, host="127.0.0.1")) is None
+
+
+def test_non_finite_scores_fail_only_their_request(tmp_path):
+    """A model whose head returns inf: the replica's scoring turns that request into an error, never a null score."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from ce_ray.serving.model import CrossEncoderModel, _Job
+
+    model = CrossEncoder(str(_tiny_dir(tmp_path)), num_labels=1)
+    with torch.no_grad():
+        model.model.classifier.bias.fill_(float("inf"))
+    model.save(str(tmp_path / "inf"))
+    replica = CrossEncoderModel.func_or_class(ServeConfig(model=str(tmp_path / "inf"), num_cpus=1))
+    (out,) = replica._score([_Job(["q"], ["d"])])
+    assert isinstance(out, RuntimeError) and "non-finite" in str(out)
+
+
+def _tiny_dir(tmp_path):
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path / "tiny", num_labels=1)
 
 
 # --------------------------------------------------------------------------------------------

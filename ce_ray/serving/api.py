@@ -97,13 +97,27 @@ def field_name(loc: tuple | list) -> str:
 # --------------------------------------------------------------------------------------------
 # requests and responses
 # --------------------------------------------------------------------------------------------
-def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be empty or only whitespace")
+# Characters that show nothing: controls (Cc: NUL, ...), format characters (Cf: zero-width space, BOM,
+# bidi marks, ...), separators (Z*). A text made only of these has nothing to rank.
+_INVISIBLE = frozenset(("Cc", "Cf", "Zs", "Zl", "Zp"))
+
+
+def _visible_text(value: str) -> str:
+    """A text must be valid Unicode (no lone surrogates such as JSON ``"\\ud800"``) and show something."""
+    import unicodedata
+
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"not valid Unicode: a lone surrogate (U+{ord(value[exc.start]):04X}) at character {exc.start}"
+        ) from None
+    if not any(not ch.isspace() and unicodedata.category(ch) not in _INVISIBLE for ch in value):
+        raise ValueError("must not be empty, only whitespace or only invisible characters (zero-width, BOM, NUL...)")
     return value
 
 
-Text = Annotated[StrictStr, AfterValidator(_not_blank)]
+Text = Annotated[StrictStr, AfterValidator(_visible_text)]
 
 
 class _Request(BaseModel):

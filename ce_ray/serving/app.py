@@ -47,7 +47,9 @@ from ce_ray.serving.model import CrossEncoderModel
 __all__ = [
     "API_KEY_ENV",
     "APP_NAME",
+    "api_key",
     "app_builder",
+    "exposure_warning",
     "quality_warning",
     "serve_forever",
     "start_server",
@@ -102,6 +104,36 @@ def quality_warning(model: str) -> str | None:
     return f"{model}: {verdict['message']}"
 
 
+def api_key(cfg: ServeConfig) -> str | None:
+    """``serve.api_key``, else ``CE_RAY_API_KEY``; an empty one (e.g. an unset shell variable) is refused."""
+    if cfg.api_key is not None:
+        return cfg.api_key
+    value = os.environ.get(API_KEY_ENV)
+    if value is not None and not value.strip():
+        raise ConfigError(
+            f"serve.api_key: {API_KEY_ENV} is set but empty, which would serve without authentication; "
+            f"set a real key or unset {API_KEY_ENV}"
+        )
+    return value
+
+
+def exposure_warning(cfg: ServeConfig) -> str | None:
+    """A warning for a server bound beyond this machine without an API key, or None."""
+    import ipaddress
+
+    host = cfg.host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback or api_key(cfg):
+        return None
+    return (
+        f"WARNING: serving on {cfg.host}:{cfg.port} without an API key: anyone who can reach this address can use "
+        f"the model. Set {API_KEY_ENV} (or serve.api_key), or bind to 127.0.0.1."
+    )
+
+
 def app_builder(args: ServeConfig) -> Application:
     """The Serve application for ``args`` (a :class:`ServeConfig` or a dict of its fields).
 
@@ -115,10 +147,12 @@ def app_builder(args: ServeConfig) -> Application:
     """
     if not isinstance(args, ServeConfig):
         args = load_job(base={"task": "rerank", "serve": dict(args)}).serve
-    cfg = args.model_copy(update={"api_key": args.api_key or os.environ.get(API_KEY_ENV) or None})
+    cfg = args.model_copy(update={"api_key": api_key(args)})
     _check_model_path(cfg)
     model = CrossEncoderModel.options(
-        **_replica_options(cfg), ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+        **_replica_options(cfg),
+        max_queued_requests=cfg.max_queued_requests,
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     ).bind(cfg)
     return CrossEncoderAPI.options(
         **_replica_options(cfg), max_queued_requests=cfg.max_concurrent_requests
@@ -156,7 +190,8 @@ def start_server(
 
     application = app_builder(cfg)  # validates before touching Ray
     ensure_ray()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    # Ray's proxy stops a request 5 s after the app's own deadline (the app answers a JSON 504 first).
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s + 5})
     target = serve.RunTarget(
         target=application, name=name, route_prefix=cfg.route_prefix, logging_config={"enable_access_log": access_log}
     )
@@ -216,9 +251,9 @@ def serve_forever(cfg: ServeConfig) -> None:
     def _interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    warning = quality_warning(cfg.model) if cfg.model else None
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
+    for warning in (quality_warning(cfg.model) if cfg.model else None, exposure_warning(cfg)):
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     url = start_server(cfg)
     print(f"serving {cfg.model_name or cfg.model} at {url}  (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
     previous = signal.signal(signal.SIGTERM, _interrupt)

@@ -70,13 +70,22 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return response
 
 
+MAX_LISTED_ERRORS = 5
+_MAX_MESSAGE_CHARS = 300
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming the fields; at most MAX_LISTED_ERRORS of them, each message cut (no echo of long values)."""
     errors = exc.errors()
     if any(e["type"] == "json_invalid" for e in errors):
         return _error(400, "invalid_json", "body: not valid JSON", "body")
-    fields = [{"field": field_name(e["loc"]), "message": e["msg"].removeprefix("Value error, ")} for e in errors]
-    message = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
+    fields = [
+        {"field": field_name(e["loc"])[:100], "message": e["msg"].removeprefix("Value error, ")[:_MAX_MESSAGE_CHARS]}
+        for e in errors[:MAX_LISTED_ERRORS]
+    ]
+    more = f" (and {len(errors) - MAX_LISTED_ERRORS} more)" if len(errors) > MAX_LISTED_ERRORS else ""
+    message = "; ".join(f"{f['field']}: {f['message']}" for f in fields) + more
     return _error(422, "invalid_request", message, fields[0]["field"], errors=fields)
 
 
@@ -93,20 +102,109 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, "internal_error", "internal error; see the server log")
 
 
-async def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-    """FastAPI dependency: 401 unless the request carries the server's key (when it has one)."""
-    expected = serve.get_replica_context().servable_object.api_key
+def _key_ok(expected: str | None, authorization: str | None) -> bool:
+    """Whether an ``Authorization`` header value carries the server's key (always, for a server without one)."""
     if expected is None:
-        return
-    given = credentials.credentials if credentials is not None else ""
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise ApiError(
-            401,
-            "unauthorized",
-            "missing or wrong API key: send 'Authorization: Bearer <key>'",
-            field="authorization",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        return True
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode())
+
+
+_UNAUTHORIZED = ApiError(
+    401,
+    "unauthorized",
+    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+    field="authorization",
+    headers={"WWW-Authenticate": "Bearer"},
+)
+
+
+async def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    """FastAPI dependency: 401 unless the request carries the server's key (when it has one).
+
+    :class:`RequestGuard` has already refused such requests before their body was read; this keeps each
+    route's own contract (and the OpenAPI security scheme) explicit.
+    """
+    expected = serve.get_replica_context().servable_object.api_key
+    given = f"Bearer {credentials.credentials}" if credentials is not None else None
+    if not _key_ok(expected, given):
+        raise _UNAUTHORIZED
+
+
+_OPEN_PATHS = ("/health",)
+_DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+class RequestGuard:
+    """Pure ASGI middleware: the API key, then the body's size and pace, before any parsing or model work.
+
+    - the key is checked from the headers, before one byte of the body is read (401);
+      ``/health`` is open, the docs are open only with ``serve.docs_public``;
+    - ``Content-Length`` over ``serve.max_body_bytes`` is refused at once, and a body (chunked or
+      lying about its length) that grows past it is refused while it streams in (413);
+    - a body whose next part does not come within ``serve.body_timeout_s`` is refused (408).
+
+    The body, at most ``max_body_bytes``, is then handed to the app as it came.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        api = serve.get_replica_context().servable_object
+        cfg: ServeConfig = api.cfg
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        route = path[len(root) :] if root and path.startswith(root) else path
+        route = "/" + route.strip("/")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        is_open = route in _OPEN_PATHS or (route in _DOCS_PATHS and api.docs_public)
+        if not is_open and not _key_ok(api.api_key, headers.get("authorization")):
+            return await _api_error_response(_UNAUTHORIZED, scope, receive, send)
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > cfg.max_body_bytes):
+            return await _api_error_response(_body_too_large(cfg, declared), scope, receive, send)
+        body = bytearray()
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), cfg.body_timeout_s)
+            except TimeoutError:
+                error = ApiError(408, "timeout", f"body: no data for {cfg.body_timeout_s:g} s (serve.body_timeout_s)", field="body")
+                return await _api_error_response(error, scope, receive, send)
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > cfg.max_body_bytes:
+                return await _api_error_response(_body_too_large(cfg, None), scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: wait for the disconnect, as the server would say it
+
+        return await self.app(scope, replay, send)
+
+
+def _body_too_large(cfg: ServeConfig, declared: str | None) -> ApiError:
+    size = f"{declared} bytes" if declared and declared.isdigit() else "more bytes than allowed"
+    return ApiError(413, "too_large", f"body: {size}, at most {cfg.max_body_bytes} (serve.max_body_bytes)", field="body")
+
+
+async def _api_error_response(exc: ApiError, scope, receive, send) -> None:
+    response = _error(exc.status_code, exc.type, exc.message, exc.field)
+    response.headers.update(exc.headers or {})
+    response.headers["connection"] = "close"  # the unread body, if any, goes with the connection
+    await response(scope, receive, send)
+
+
+app.add_middleware(RequestGuard)
 
 
 @serve.deployment(name="CrossEncoderAPI", ray_actor_options={"num_cpus": 0})
@@ -118,13 +216,20 @@ class CrossEncoderAPI:
         self.model = model
         self.cfg = cfg
         self.api_key = cfg.api_key
+        self.docs_public = cfg.docs_public if cfg.docs_public is not None else cfg.api_key is None
         self.name, self.names = served_names(cfg)
         self._last_answer = float("-inf")  # monotonic time of the model's latest answer
 
     async def _call(self, method, request):
         """Call the model; anything but an :class:`ApiError` becomes a 503/500 without its text."""
         try:
-            result = await method.remote(request)
+            result = await asyncio.wait_for(self._await(method.remote(request)), self.cfg.request_timeout_s)
+        except TimeoutError:
+            logger.warning("a request passed its deadline of %.0f s (serve.request_timeout_s)", self.cfg.request_timeout_s)
+            raise ApiError(
+                504, "timeout", f"the request took longer than {self.cfg.request_timeout_s:g} s; retry later",
+                headers={"Retry-After": "1"},
+            ) from None
         except ApiError:
             self._last_answer = time.monotonic()
             raise
@@ -174,15 +279,19 @@ class CrossEncoderAPI:
         return await self._call(self.model.predict, request)
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}}, tags=["ops"])
-    async def health(self):
-        """200 once a model replica is up (model loaded), else 503. Needs no API key."""
+    async def health(self, request: Request):
+        """200 once a model replica is up (model loaded), else 503. Needs no API key; without it, the
+        answer is only the status (the model's name needs the key)."""
+        name = self.name if _key_ok(self.api_key, request.headers.get("authorization")) else None
         if time.monotonic() - self._last_answer > _HEALTH_FRESH_S:
             try:
                 await asyncio.wait_for(self._await(self.model.health.remote()), HEALTH_TIMEOUT_S)
+            except BackPressureError:
+                pass  # the model's queue is full: it is up and busy
             except Exception:
-                return JSONResponse({"status": "unavailable", "model": self.name}, status_code=503)
+                return JSONResponse({"status": "unavailable", **({"model": name} if name else {})}, status_code=503)
             self._last_answer = time.monotonic()
-        return HealthResponse(status="ok", model=self.name)
+        return HealthResponse(status="ok", model=name)
 
     @app.get(
         "/info", response_model=InfoResponse, responses=_ERRORS, dependencies=[Depends(require_api_key)], tags=["ops"]

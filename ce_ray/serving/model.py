@@ -9,6 +9,7 @@ forward pass; ``num_gpus`` > 0 runs on CUDA; ``precision: auto`` is fp16 on GPU,
 CPU the replica uses ``num_cpus`` torch threads.
 """
 
+import logging
 import resource
 from dataclasses import dataclass
 
@@ -31,9 +32,18 @@ from ce_ray.serving.api import (
     check_rerank,
     coerce,
 )
-from ce_ray.serving.batching import PairScorer
+from ce_ray.serving.batching import PairScorer, score_isolated
 
 __all__ = ["CrossEncoderModel", "served_names"]
+
+logger = logging.getLogger(__name__)
+
+
+def _raise_failure(scored):
+    """The scores of one request, or the error it failed with (raised here, in that request only)."""
+    if isinstance(scored, Exception):
+        raise scored
+    return scored
 
 
 def served_names(cfg: ServeConfig) -> tuple[str, set[str]]:
@@ -122,7 +132,14 @@ class CrossEncoderModel:
         self.max_batch_tokens = cfg.max_batch_tokens or (32768 if self.device == "cuda" else 1024)
         self.num_labels = ce.num_labels
         self.scorer = PairScorer(
-            ce.tokenizer, net, self.device, self.max_length, cfg.max_batch_size, self.max_batch_tokens, self.num_labels
+            ce.tokenizer,
+            net,
+            self.device,
+            self.max_length,
+            cfg.max_batch_size,
+            self.max_batch_tokens,
+            self.num_labels,
+            max_query_tokens=cfg.max_query_tokens,
         )
         id2label = getattr(net.config, "id2label", None) or {}
         self.labels = [id2label.get(i, str(i)) for i in range(self.num_labels)] if self.num_labels > 1 else None
@@ -149,7 +166,7 @@ class CrossEncoderModel:
                 field="model",
             )
         docs = request.documents
-        scored = await self._score_batch(_Job([request.query] * len(docs), docs))
+        scored = _raise_failure(await self._score_batch(_Job([request.query] * len(docs), docs)))
         scores = self.activation(torch.from_numpy(scored.logits)).reshape(-1).tolist()
         ranked = sorted(range(len(docs)), key=lambda i: scores[i], reverse=True)[: request.top_n]
         return RerankResponse(
@@ -167,7 +184,7 @@ class CrossEncoderModel:
 
         request = coerce(PredictRequest, request)
         check_predict(request, self.cfg, self.names, self.name)
-        scored = await self._score_batch(_Job([p[0] for p in request.pairs], [p[1] for p in request.pairs]))
+        scored = _raise_failure(await self._score_batch(_Job([p[0] for p in request.pairs], [p[1] for p in request.pairs])))
         out = self.activation(torch.from_numpy(scored.logits))
         if self.num_labels == 1:
             results = [PredictResult(score=s) for s in out.reshape(-1).tolist()]
@@ -187,6 +204,11 @@ class CrossEncoderModel:
     def health(self) -> bool:
         """The replica is up, so the model is loaded (Serve routes only to constructed replicas)."""
         return True
+
+    def check_health(self) -> None:
+        """Serve's own replica health check: a replica whose model cannot score a pair is restarted."""
+        if not np.isfinite(self.scorer.score(["health"], ["check"]).logits).all():
+            raise RuntimeError("the model returns non-finite scores")
 
     def info(self) -> InfoResponse:
         cfg = self.cfg
@@ -224,16 +246,18 @@ class CrossEncoderModel:
 
     # -- batching ------------------------------------------------------------------------------
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)  # both reset from the config in __init__
-    async def _score_batch(self, jobs: list[_Job]) -> list[_Scored]:
+    async def _score_batch(self, jobs: list[_Job]) -> list[_Scored | Exception]:
         # Runs the model on this replica's event loop on purpose: requests that arrive meanwhile
-        # queue up and form the next batch, so batches grow with the load.
-        return self._score(jobs)
+        # queue up and form the next batch, so batches grow with the load. One request that fails the
+        # merged batch (a text the tokenizer rejects...) is split out: the others are scored without it.
+        return score_isolated(self._score, jobs)
 
-    def _score(self, jobs: list[_Job]) -> list[_Scored]:
+    def _score(self, jobs: list[_Job]) -> list[_Scored | Exception]:
         firsts = [text for job in jobs for text in job.firsts]
         seconds = [text for job in jobs for text in job.seconds]
         sizes = [len(job.firsts) for job in jobs]
-        scored = self.scorer.score(firsts, seconds, owner=np.repeat(np.arange(len(jobs)), sizes))
+        owner = np.repeat(np.arange(len(jobs)), sizes)
+        scored = self.scorer.score(firsts, seconds, owner=owner, max_owner_tokens=self.cfg.max_request_tokens)
 
         counts = self._counts
         counts["forward_passes"] += scored.forward_passes
@@ -243,9 +267,25 @@ class CrossEncoderModel:
         counts["pairs"] += len(firsts)
         counts["truncated_pairs"] += int(scored.truncated.sum())
         counts["max_requests_per_batch"] = max(counts["max_requests_per_batch"], len(jobs))
-        out, start = [], 0
-        for size in sizes:
+        out: list[_Scored | Exception] = []
+        start = 0
+        for j, size in enumerate(sizes):
             end = start + size
-            out.append(_Scored(scored.logits[start:end], int(scored.lengths[start:end].sum()), int(scored.truncated[start:end].sum())))
+            logits = scored.logits[start:end]
+            if j in scored.over_budget:
+                out.append(
+                    ApiError(
+                        413,
+                        "too_large",
+                        f"body: {scored.over_budget[j]} tokens to score (after truncation), at most "
+                        f"{self.cfg.max_request_tokens} (serve.max_request_tokens); send fewer or shorter texts",
+                        field="body",
+                    )
+                )
+            elif not np.isfinite(logits).all():  # never send NaN/inf: a server error for this request only
+                logger.error("non-finite scores for a request of %d pairs (model %s)", size, self.name)
+                out.append(RuntimeError("the model returned non-finite scores"))
+            else:
+                out.append(_Scored(logits, int(scored.lengths[start:end].sum()), int(scored.truncated[start:end].sum())))
             start = end
         return out
