@@ -121,7 +121,7 @@ def locate_model(path: str) -> str:
     path = resolve_model_name(path)
     if "://" in path and not storage.is_local(path):
         for candidate in (path, storage.join(path, "best"), storage.join(path, "final")):
-            if storage.exists(storage.join(candidate, "config.json")):
+            if storage.exists(storage.join(storage.current(candidate), "config.json")):
                 return candidate
         raise FileNotFoundError(f"{path} holds no model (config.json), nor best/ or final/ with one")
     path = storage.resolve_uri(path) if path.startswith("file://") else path

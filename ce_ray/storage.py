@@ -2,9 +2,11 @@
 
 Everything a run publishes (summaries, final models, prepared data) is written to a temporary
 name first and then moved into place, so a reader never sees half a file. On a local filesystem
-the move is an atomic rename; object stores have no atomic rename, so there a directory is
-copied under a temporary prefix, then copied to its name, and a JSON file is written as one PUT
-(which object stores make visible all at once).
+the move is an atomic rename. Object stores have no atomic rename, so there a published directory
+is a small pointer plus versions: ``<dest>/_v/<id>/`` holds each complete upload and
+``<dest>/_ce_ray_current.json`` (one PUT, visible all at once) names the current one, so readers
+(:func:`current`, :func:`download_dir`) always find a complete copy, the old one until the switch.
+A JSON file is written as one PUT.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ from typing import Any
 import pyarrow.fs as pafs
 
 __all__ = [
+    "POINTER",
+    "current",
     "download_dir",
     "exists",
     "filesystem_and_path",
@@ -104,11 +109,28 @@ def read_json(uri: str) -> Any:
         return json.loads(f.read().decode())
 
 
+POINTER = "_ce_ray_current.json"
+_VERSIONS = "_v"
+
+
+def current(uri: str) -> str:
+    """Where the current copy of a published directory is: ``uri`` itself, or (on an object store) the
+    version its pointer names."""
+    if is_local(uri):
+        return resolve_uri(uri)
+    pointer = join(uri, POINTER)
+    if not exists(pointer):
+        return resolve_uri(uri)  # a plain directory (not published by ce-ray, or by an older ce-ray)
+    return join(uri, _VERSIONS, read_json(pointer)["version"])
+
+
 def publish_dir(local_dir: str, uri: str) -> str:
     """Copy a local directory to ``uri`` so that readers never see a partial copy.
 
     Local: copied next to the destination under a temporary name, then swapped in by rename.
-    Remote: uploaded under a temporary prefix, then copied to its name.
+    Remote: uploaded whole as a new version under ``<uri>/_v/<id>/``, then the pointer
+    ``<uri>/_ce_ray_current.json`` is switched to it in one PUT; the version before stays (readers
+    may still be downloading it), older ones are deleted.
 
     Returns:
         The resolved destination.
@@ -127,28 +149,45 @@ def publish_dir(local_dir: str, uri: str) -> str:
         if old:
             shutil.rmtree(old, ignore_errors=True)
         return dest
-    fs, path = filesystem_and_path(dest)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    pafs.copy_files(local_dir, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    try:
-        fs.delete_dir(path)
-    except (FileNotFoundError, OSError):
-        pass
-    pafs.copy_files(tmp, path, source_filesystem=fs, destination_filesystem=fs)
-    fs.delete_dir(tmp)
+    pointer = join(dest, POINTER)
+    previous = read_json(pointer)["version"] if exists(pointer) else None
+    version = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    fs, path = filesystem_and_path(join(dest, _VERSIONS, version))
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    write_json(pointer, {"version": version, "previous": previous})  # the switch
+    fs, versions = filesystem_and_path(join(dest, _VERSIONS))
+    for info in fs.get_file_info(pafs.FileSelector(versions, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.base_name not in (version, previous):
+            fs.delete_dir(info.path)
     return dest
+
+
+def _content_key(uri: str) -> str:
+    """What identifies a remote directory's content: its version (published by ce-ray: immutable), else
+    the listing of its files with their sizes and modification times."""
+    fs, path = filesystem_and_path(uri)
+    if f"/{_VERSIONS}/" in path:
+        return uri
+    listing = sorted(
+        (info.path, info.size, info.mtime_ns)
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if info.type == pafs.FileType.File
+    )
+    return uri + json.dumps(listing)
 
 
 def download_dir(uri: str, local_dir: str | None = None) -> str:
     """A local directory with the contents of ``uri``: the path itself when it is local.
 
-    Remote directories are downloaded once into ``local_dir`` (default: a node-local cache keyed
-    by the URI) and renamed into place when complete, so concurrent workers on one node share it.
+    Remote directories (their current version, see :func:`current`) are downloaded once into
+    ``local_dir`` (default: a node-local cache keyed by their content, so a republished model is
+    fetched again) and renamed into place when complete, so concurrent workers on one node share it.
     """
     if is_local(uri):
         return resolve_uri(uri)
+    uri = current(uri)
     if local_dir is None:
-        key = uuid.uuid5(uuid.NAMESPACE_URL, uri).hex[:16]
+        key = uuid.uuid5(uuid.NAMESPACE_URL, _content_key(uri)).hex[:16]
         local_dir = os.path.join(tempfile.gettempdir(), "ce_ray_cache", key)
     if os.path.isdir(local_dir):
         return local_dir

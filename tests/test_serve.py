@@ -370,6 +370,36 @@ def test_poisoned_requests_fail_alone_and_valid_ones_get_their_scores(server, mo
             assert result["relevance_score"] == pytest.approx(expected[result["index"]], abs=1e-5)
 
 
+def test_a_burst_gets_answers_or_503_in_time_and_health_stays_fast(server):
+    """200 requests at once: each gets 200 or a JSON 503 with Retry-After (bounded queue), none waits past the
+    deadline, and /health answers from the ingress meanwhile."""
+    import time
+
+    async def fire():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=250)) as client:
+            async def one(i):
+                started = time.monotonic()
+                r = await client.post(f"{server.rerank}/rerank", json={"query": f"{QUERY} {i}", "documents": DOCS}, headers=AUTH)
+                return r, time.monotonic() - started
+
+            async def health_during():
+                await asyncio.sleep(0.3)
+                started = time.monotonic()
+                r = await client.get(f"{server.rerank}/health")
+                return r.status_code, time.monotonic() - started
+
+            return await asyncio.gather(asyncio.gather(*(one(i) for i in range(200))), health_during())
+
+    answers, (health_status, health_s) = asyncio.run(fire())
+    codes = sorted({r.status_code for r, _ in answers})
+    assert set(codes) <= {200, 503}, codes
+    for r, _ in answers:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] and r.json()["error"]["type"] == "overloaded"
+    assert max(s for _, s in answers) < 60  # serve.request_timeout_s
+    assert health_status == 200 and health_s < 5, health_s
+
+
 def test_a_batch_that_fails_is_split_so_only_the_bad_request_fails():
     """score_isolated, the rule the model replica applies to every merged batch."""
     from ce_ray.serving.batching import score_isolated

@@ -137,6 +137,32 @@ def test_publish_dir_copies_a_tree_and_replaces_an_older_one(base, tmp_path):
     assert _listing(base) == ["final"], "no temporary or old copies left beside it"
 
 
+def test_republishing_on_s3_switches_a_pointer_so_readers_always_find_a_whole_model(bucket, tmp_path):
+    """A new version is uploaded whole, then one PUT switches the pointer: a publish that dies before the
+    switch leaves readers the old, complete model; the node cache is keyed by content, so a new version is
+    downloaded again; the version before stays for readers mid-download, older ones go."""
+    import pyarrow.fs as pafs
+
+    model = tmp_path / "model"
+    model.mkdir()
+    dest = f"s3://{bucket}/runs/best"
+    versions = []
+    for v in (1, 2, 3):
+        (model / "config.json").write_text(f'{{"v": {v}}}')
+        storage.publish_dir(str(model), dest)
+        versions.append(storage.current(dest))
+        assert _tree(Path(storage.download_dir(dest))) == {"config.json": f'{{"v": {v}}}'}  # not a stale cache
+    assert _listing(dest) == [storage.POINTER, "_v"]
+    assert _listing(f"{dest}/_v") == sorted(v.rsplit("/", 1)[1] for v in versions[1:])
+
+    # a publish that crashes after uploading, before the switch: readers still get version 3, whole
+    (model / "config.json").write_text('{"v": 4}')
+    fs, path = storage.filesystem_and_path(f"{dest}/_v/half-written")
+    pafs.copy_files(str(model), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    assert storage.current(dest) == versions[-1]
+    assert _tree(Path(storage.download_dir(dest))) == {"config.json": '{"v": 3}'}
+
+
 def test_download_dir_fetches_a_directory_of_plain_files(bucket, tmp_path):
     """What every worker does with the prepared data when run.output_dir is on S3."""
     dataset = tmp_path / "train"
@@ -193,6 +219,6 @@ def test_training_writes_its_outputs_to_s3(bucket, s3_env, tiny_model, nli_files
     summary = storage.read_json(f"{out}/summary.json")
     assert summary["final_model"] == f"{out}/final"
     assert summary["steps_per_worker"] == [2]
-    assert {"config.json", "model.safetensors"} <= set(_listing(f"{out}/final"))
+    assert {"config.json", "model.safetensors"} <= set(_listing(storage.current(f"{out}/final")))
     assert any(name.startswith("checkpoint_") for name in _listing(f"{out}/tiny")), "Ray Train's checkpoints"
     assert _listing(f"{out}/workers") == ["rank0.json"]

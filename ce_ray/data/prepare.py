@@ -115,7 +115,7 @@ def _mined(job: JobConfig, groups: RerankGroups, device: str | None) -> RerankGr
     """``groups`` plus mined negatives, cached under the data cache by source and mining settings."""
     key = fingerprint(_rows_key(job, "train"), job.data.negatives.model_dump(mode="json"), "mined-v1")
     uri = storage.join(cache_root(job), f"mined-{key}")
-    if storage.exists(storage.join(uri, "dataset_info.json")):
+    if storage.exists(storage.join(storage.current(uri), "dataset_info.json")):
         table = load_prepared(uri).data.table
         return RerankGroups(
             table.column("query").to_pylist(),

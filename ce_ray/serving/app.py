@@ -94,7 +94,7 @@ def quality_warning(model: str) -> str | None:
     Read from the model's own ``ce_ray_quality.json`` (written by ``ce-ray train``/``tune``).
     """
     try:
-        uri = storage.join(locate_model(model), QUALITY_FILE)
+        uri = storage.join(storage.current(locate_model(model)), QUALITY_FILE)
     except (FileNotFoundError, ValueError):
         return None
     quality = storage.read_json(uri) if storage.exists(uri) else None
