@@ -48,7 +48,7 @@ def _print_json(obj) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ce_ray.training import run_training
 
-    job = load_job(args.job, args.overrides)
+    job = load_job(args.job, [*args.overrides, *(["run.restart=true"] if args.restart else [])])
     outcome = run_training(job)
     s = outcome.summary
     print(_train_report(s))
@@ -110,7 +110,7 @@ def _tune_report(best: dict) -> str:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from ce_ray.tuning import run_tuning
 
-    job = load_job(args.job, args.overrides)
+    job = load_job(args.job, [*args.overrides, *(["run.restart=true"] if args.restart else [])])
     outcome = run_tuning(job)
     print(_tune_report({**outcome.best, "report_dir": outcome.report_dir}))
     return 0
@@ -224,8 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    _add_job_args(add("train", _cmd_train, "train one job on Ray Train (DDP over scaling.num_workers)"))
-    _add_job_args(add("tune", _cmd_tune, "search hyperparameters with Ray Tune; writes best/, best.json, trials.csv"))
+    for name, func, help_text in (
+        ("train", _cmd_train, "train one job on Ray Train (DDP over scaling.num_workers)"),
+        ("tune", _cmd_tune, "search hyperparameters with Ray Tune; writes best/, best.json, trials.csv"),
+    ):
+        p = add(name, func, help_text)
+        _add_job_args(p)
+        p.add_argument(
+            "--restart", action="store_true", help="start this run.name over (delete its checkpoints) instead of resuming"
+        )
 
     p = add("validate", _cmd_validate, "check a job file (and with --data its rows) without running it")
     _add_job_args(p, required=False)

@@ -358,6 +358,11 @@ class RunConfig(_Section):
         description="Write, per worker, fingerprints of the training rows it saw to <output_dir>/workers/ "
         "(to audit data sharding).",
     )
+    restart: bool = Field(
+        False,
+        description="Start this run.name over: delete its checkpoints (and Tune experiment) first. Without it, "
+        "re-running a run.name whose model, data, loss or search changed fails, naming the changed keys.",
+    )
 
 
 class EvalConfig(_Section):

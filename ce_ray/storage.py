@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 __all__ = [
     "POINTER",
     "current",
+    "delete_dir",
     "download_dir",
     "exists",
     "filesystem_and_path",
@@ -174,6 +175,17 @@ def _content_key(uri: str) -> str:
         if info.type == pafs.FileType.File
     )
     return uri + json.dumps(listing)
+
+
+def delete_dir(uri: str) -> None:
+    """Delete a directory (or prefix) and everything under it; nothing when it does not exist."""
+    if not exists(uri):
+        return
+    if is_local(uri):
+        shutil.rmtree(resolve_uri(uri))
+        return
+    fs, path = filesystem_and_path(uri)
+    fs.delete_dir(path)
 
 
 def download_dir(uri: str, local_dir: str | None = None) -> str:

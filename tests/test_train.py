@@ -9,9 +9,10 @@ import threading
 import time
 from pathlib import Path
 
-
+import pytest
 from conftest import ray_process_pids
-from ce_ray.config import load_job
+
+from ce_ray.config import ConfigError, load_job
 from ce_ray.training import run_training
 
 
@@ -129,3 +130,13 @@ def test_rerunning_the_same_run_name_resumes(tiny_model, nli_files, tmp_path, ra
     assert second.summary["steps_per_worker"] == [12]
     # the baseline (before any training) survives the resume
     assert second.summary["metrics_before"] == first.summary["metrics_before"]
+
+    # Another learning rate and loss under the same name: refused before any work, naming what changed ...
+    changed = nli_job(tiny_model, nli_files, out, "train.max_steps=12", "train.learning_rate=5e-4",
+                      "train.loss={name: CrossEntropyLoss, label_smoothing: 0.1}")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"run.name: 't' .* was started with other settings \(changed: "
+                       r"train.learning_rate, train.loss.label_smoothing\); .* --restart"):  # fmt: skip
+        run_training(changed)
+    # ... unless asked to start over
+    third = run_training(changed.model_copy(update={"run": changed.run.model_copy(update={"restart": True})}))
+    assert worker_stats(out)[0]["resumed"] is False and third.summary["steps_per_worker"] == [12]

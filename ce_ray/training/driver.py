@@ -34,6 +34,7 @@ from ce_ray.config import JobConfig
 from ce_ray.data.prepare import PreparedData, prepare_data, prepare_split
 from ce_ray.modeling import check_model
 from ce_ray.quality import model_quality, score_baseline
+from ce_ray.runs import check_run_identity
 from ce_ray.runtime import ensure_ray
 from ce_ray.tasks import TASKS, plain_metrics
 from ce_ray.training.checkpoint import best_checkpoint, chosen_checkpoint, staged_model
@@ -164,7 +165,12 @@ def run_training(job: JobConfig) -> TrainOutcome:
     job = job.for_run()
     out = job.run.output_dir
 
-    # [1] Model config and data: checked, shaped and saved before any cluster work.
+    # [1] Model config and data: checked, shaped and saved before any cluster work; a run.name that
+    #     exists is resumed only with the settings it was started with.
+    run_dir = storage.join(out, job.run.name)
+    if job.run.restart:
+        storage.delete_dir(run_dir)
+    check_run_identity(job, "train", started=storage.exists(run_dir))
     check_model(job.model)
     prepared = prepare_data(job)
     test_split = prepare_split(job, "test") if job.data.test is not None else None

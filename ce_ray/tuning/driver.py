@@ -51,6 +51,7 @@ from ce_ray.config import ConfigError, JobConfig, apply_override, job_from_dict
 from ce_ray.data.prepare import PreparedSplit, check_batch_fits, prepare_split
 from ce_ray.modeling import check_model
 from ce_ray.quality import model_quality, read_model_quality, score_baseline
+from ce_ray.runs import check_run_identity
 from ce_ray.runtime import ensure_ray
 from ce_ray.tasks import TASKS, best_by
 from ce_ray.tuning import report
@@ -251,6 +252,7 @@ def refit_job(job: JobConfig, trial: JobConfig) -> JobConfig:
         apply_override(raw, key, value)
     apply_override(raw, "run.output_dir", storage.join(job.run.output_dir, "refit"))
     apply_override(raw, "run.name", f"{job.run.name}-refit")
+    apply_override(raw, "run.restart", True)  # a fresh training of the chosen config, whichever trial won
     try:
         return job_from_dict(raw, "tune.refit_set")
     except ConfigError as exc:
@@ -296,7 +298,13 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
     metric = job.tune.metric or task.tune_metric
     mode = job.tune.mode or task.mode
 
-    # [1] Everything that can fail on the config or data fails here, before Ray starts.
+    # [1] Everything that can fail on the config or data fails here, before Ray starts; a run.name that
+    #     exists is resumed only with the settings it was started with.
+    experiment = storage.join(out, job.run.name)
+    if job.run.restart:
+        for uri in (experiment, storage.join(out, f"{job.run.name}-trials"), storage.join(out, "refit")):
+            storage.delete_dir(uri)
+    check_run_identity(job, "tune", started=storage.exists(experiment))
     space, eval_split, test_split = _check_before_ray(job)
 
     # [2] The experiment.
