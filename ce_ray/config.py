@@ -476,7 +476,7 @@ class ServeConfig(_Section):
         10.0, gt=0, description="Longest wait for the next part of a request body; a body that stalls -> 408."
     )
     max_queued_requests: int = Field(
-        64,
+        32,
         ge=1,
         description="Requests waiting for a busy model replica (per caller) before new ones get 503 with "
         "Retry-After, instead of waiting for minutes.",
@@ -499,7 +499,12 @@ class ServeConfig(_Section):
         "batching off. At most max_concurrent_requests.",
     )
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill up.")
-    max_concurrent_requests: int = Field(256, ge=1, description="Queued requests per replica before 503.")
+    max_concurrent_requests: int = Field(
+        64,
+        ge=1,
+        description="Requests a model replica holds at once (scoring or waiting for its next batch); beyond it "
+        "they wait in the queue of serve.max_queued_requests, then get 503.",
+    )
     num_replicas: int | Literal["auto"] = Field(1, description="Model replicas, or 'auto' for autoscaling.")
     min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest replicas.")
     max_replicas: int = Field(4, ge=1, description="Autoscaling: most replicas.")

