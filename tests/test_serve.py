@@ -123,6 +123,38 @@ def test_rerank_matches_crossencoder_rank(server, model_dirs):
     assert body["usage"]["total_tokens"] > len(DOCS) * 5
 
 
+def test_cohere_sdk_v1_and_v2_get_crossencoder_scores(server, model_dirs):
+    """Cohere's own Python SDK (from PyPI), pointed at this server: Client.rerank -> /v1/rerank and
+    ClientV2.rerank -> /v2/rerank, over real HTTP, with the server's key as the Cohere API key."""
+    import cohere
+    from cohere.core.api_error import ApiError as CohereError
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    expected = CrossEncoder(model_dirs.rerank).rank(QUERY, DOCS)
+    v1 = cohere.Client(api_key=KEY, base_url=server.rerank, max_retries=0)
+    got = v1.rerank(model="tiny-reranker", query=QUERY, documents=DOCS, top_n=3, return_documents=True)
+    assert [r.index for r in got.results] == [r["corpus_id"] for r in expected[:3]]
+    for result, want in zip(got.results, expected):
+        assert result.relevance_score == pytest.approx(want["score"], abs=1e-5)
+        assert result.document.text == DOCS[result.index]
+    got = v1.rerank(query=QUERY, documents=[{"text": d} for d in DOCS])  # {text} documents, no model named
+    assert sorted(r.index for r in got.results) == list(range(len(DOCS)))
+
+    v2 = cohere.ClientV2(api_key=KEY, base_url=server.rerank, max_retries=0)
+    got = v2.rerank(model="tiny-reranker", query=QUERY, documents=DOCS, priority=1)  # priority: ignored
+    assert [r.index for r in got.results] == [r["corpus_id"] for r in expected]
+    assert [r.relevance_score for r in got.results] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+    with pytest.raises(CohereError) as caught:  # would change the scores: refused, naming the field
+        v2.rerank(model="tiny-reranker", query=QUERY, documents=DOCS, max_tokens_per_doc=16)
+    assert caught.value.status_code == 422 and "max_tokens_per_doc" in str(caught.value.body)
+    with pytest.raises(CohereError) as caught:
+        cohere.ClientV2(api_key="wrong", base_url=server.rerank, max_retries=0).rerank(model="m", query=QUERY, documents=DOCS)
+    assert caught.value.status_code == 401
+
+    raw = _post(f"{server.rerank}/v2/rerank", {"query": QUERY, "documents": DOCS, "priority": 2, "foo": 1}, headers=AUTH)
+    assert raw.status_code == 200 and raw.headers["x-ignored-fields"] == "foo,priority"
+
+
 def test_rerank_top_n_and_return_documents(server):
     full = _post(f"{server.rerank}/rerank", {"query": QUERY, "documents": DOCS}, headers=AUTH).json()["results"]
     response = _post(

@@ -11,6 +11,8 @@ depend on the server's config (documents per request, characters per text) are c
 response ``{results: [{index, relevance_score, document?}], model, usage}`` sorted by score.
 """
 
+from __future__ import annotations
+
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -29,6 +31,9 @@ __all__ = [
     "RerankResponse",
     "RerankResult",
     "ServeStats",
+    "COHERE_UNSUPPORTED",
+    "CohereRerankRequest",
+    "CohereRerankResponse",
     "check_predict",
     "check_rerank",
     "field_name",
@@ -242,6 +247,76 @@ class InfoResponse(BaseModel):
     precision: str
     limits: dict[str, Any] = Field(description="max_documents, max_pairs, max_text_chars and the batching settings.")
     stats: ServeStats
+
+
+# --------------------------------------------------------------------------------------------
+# Cohere's rerank API (v1 and v2), for its SDK and the tools built on it
+# --------------------------------------------------------------------------------------------
+class CohereDocument(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: Text
+
+
+# Fields of Cohere's request that change what is computed; refused (422 naming them) rather than ignored.
+COHERE_UNSUPPORTED = ("rank_fields", "max_chunks_per_doc", "max_tokens_per_doc", "relevant_spans")
+
+
+class CohereRerankRequest(BaseModel):
+    """``POST /v1/rerank`` and ``/v2/rerank``: Cohere's request. Other optional fields (``priority``...) are
+    accepted, ignored and named in the ``X-Ignored-Fields`` response header; fields that would change the
+    scores (:data:`COHERE_UNSUPPORTED`) give 422."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = Field(None, description="Must name the served model when given (see GET /info).")
+    query: Text
+    documents: list[Text | CohereDocument] = Field(min_length=1, description="Texts, or {text} objects.")
+    top_n: StrictInt | None = Field(None, ge=1)
+    return_documents: StrictBool = Field(False, description="v1: include each document as {text}.")
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(set(self.model_extra or {}) - set(COHERE_UNSUPPORTED))
+
+    def unsupported_fields(self) -> list[str]:
+        return sorted(k for k, v in (self.model_extra or {}).items() if k in COHERE_UNSUPPORTED and v is not None)
+
+    def to_rerank(self) -> RerankRequest:
+        texts = [d if isinstance(d, str) else d.text for d in self.documents]
+        return RerankRequest(
+            model=self.model, query=self.query, documents=texts, top_n=self.top_n, return_documents=self.return_documents
+        )
+
+
+class CohereResultDocument(BaseModel):
+    text: str
+
+
+class CohereRerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: CohereResultDocument | None = None
+
+
+class CohereRerankResponse(BaseModel):
+    id: str
+    results: list[CohereRerankResult]
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, response: RerankResponse, version: str) -> CohereRerankResponse:
+        import uuid
+
+        results = [
+            CohereRerankResult(
+                index=r.index,
+                relevance_score=r.relevance_score,
+                document=CohereResultDocument(text=r.document) if r.document is not None else None,
+            )
+            for r in response.results
+        ]
+        meta = {"api_version": {"version": version}, "billed_units": {"search_units": 1}, "tokens": {"input_tokens": response.usage.total_tokens}}
+        return cls(id=str(uuid.uuid4()), results=results, meta=meta)
 
 
 # --------------------------------------------------------------------------------------------

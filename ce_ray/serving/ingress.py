@@ -14,7 +14,7 @@ import hmac
 import logging
 import time
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -27,6 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ce_ray.config import ServeConfig
 from ce_ray.serving.api import (
     ApiError,
+    CohereRerankRequest,
+    CohereRerankResponse,
     ErrorResponse,
     HealthResponse,
     InfoResponse,
@@ -262,6 +264,49 @@ class CrossEncoderAPI:
         request = coerce(RerankRequest, request)
         check_rerank(request, self.cfg, self.names, self.name)
         return await self._call(self.model.rerank, request)
+
+    async def _cohere(self, request: CohereRerankRequest, version: str, response: Response) -> CohereRerankResponse:
+        unsupported = request.unsupported_fields()
+        if unsupported:
+            raise ApiError(
+                422,
+                "unsupported_field",
+                f"{unsupported[0]}: not supported by this server ({', '.join(unsupported)} would change the "
+                "scores); leave it out",
+                field=unsupported[0],
+            )
+        ignored = request.ignored_fields()
+        if ignored:
+            response.headers["X-Ignored-Fields"] = ",".join(ignored)[:500]
+        rerank = request.to_rerank()
+        if version == "2":  # v2 returns no document texts
+            rerank = rerank.model_copy(update={"return_documents": False})
+        check_rerank(rerank, self.cfg, self.names, self.name)
+        return CohereRerankResponse.of(await self._call(self.model.rerank, rerank), version)
+
+    @app.post(
+        "/v1/rerank",
+        response_model=CohereRerankResponse,
+        response_model_exclude_none=True,
+        responses=_ERRORS,
+        dependencies=[Depends(require_api_key)],
+        tags=["rerank"],
+    )
+    async def cohere_v1(self, request: CohereRerankRequest, response: Response) -> CohereRerankResponse:
+        """Cohere's v1 rerank (``cohere.Client(base_url=...).rerank``): documents as texts or ``{text}``."""
+        return await self._cohere(request, "1", response)
+
+    @app.post(
+        "/v2/rerank",
+        response_model=CohereRerankResponse,
+        response_model_exclude_none=True,
+        responses=_ERRORS,
+        dependencies=[Depends(require_api_key)],
+        tags=["rerank"],
+    )
+    async def cohere_v2(self, request: CohereRerankRequest, response: Response) -> CohereRerankResponse:
+        """Cohere's v2 rerank (``cohere.ClientV2(base_url=...).rerank``)."""
+        return await self._cohere(request, "2", response)
 
     @app.post(
         "/predict",
