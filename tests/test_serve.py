@@ -155,6 +155,33 @@ def test_cohere_sdk_v1_and_v2_get_crossencoder_scores(server, model_dirs):
     assert raw.status_code == 200 and raw.headers["x-ignored-fields"] == "foo,priority"
 
 
+def test_tei_shape_on_rerank(server, model_dirs):
+    """Text Embeddings Inference's body on POST /rerank (told apart by `texts`): its list answer, raw scores,
+    return_text, and truncate: false refusing a pair that would be cut."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    model = CrossEncoder(model_dirs.rerank)
+    expected = model.rank(QUERY, DOCS)
+    raw = model.predict([(QUERY, d) for d in DOCS], activation_fn=torch.nn.Identity())
+    response = _post(f"{server.rerank}/rerank", {"query": QUERY, "texts": DOCS, "return_text": True}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [r["index"] for r in body] == [r["corpus_id"] for r in expected]
+    assert [r["score"] for r in body] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+    assert all(r["text"] == DOCS[r["index"]] for r in body)
+    body = _post(f"{server.rerank}/rerank", {"query": QUERY, "texts": DOCS, "raw_scores": True}, headers=AUTH).json()
+    assert all("text" not in r for r in body)
+    assert {r["index"]: r["score"] for r in body} == pytest.approx(dict(enumerate(raw.tolist())), abs=1e-4)
+    long_doc = " ".join(["population"] * 400)
+    refused = _post(f"{server.rerank}/rerank", {"query": QUERY, "texts": [long_doc], "truncate": False}, headers=AUTH)
+    _assert_error(refused, 413, "texts")
+    _assert_error(_post(f"{server.rerank}/rerank", {"query": QUERY, "texts": ["ok", ""]}, headers=AUTH), 422, "texts.1")
+    _assert_error(
+        _post(f"{server.rerank}/rerank", {"query": QUERY, "texts": DOCS, "truncation_direction": "Left"}, headers=AUTH),
+        422, "truncation_direction",
+    )  # fmt: skip
+
+
 def test_rerank_top_n_and_return_documents(server):
     full = _post(f"{server.rerank}/rerank", {"query": QUERY, "documents": DOCS}, headers=AUTH).json()["results"]
     response = _post(

@@ -34,6 +34,8 @@ __all__ = [
     "COHERE_UNSUPPORTED",
     "CohereRerankRequest",
     "CohereRerankResponse",
+    "TeiRerankRequest",
+    "TeiRerankResult",
     "check_predict",
     "check_rerank",
     "field_name",
@@ -159,6 +161,7 @@ class RerankRequest(_Request):
     )
     top_n: StrictInt | None = Field(None, ge=1, description="Return only the best N results (default: all).")
     return_documents: StrictBool = Field(False, description="Include each document's text in its result.")
+    raw_scores: StrictBool = Field(False, description="Return the model's logits instead of sigmoid scores.")
 
 
 class RerankResult(BaseModel):
@@ -247,6 +250,34 @@ class InfoResponse(BaseModel):
     precision: str
     limits: dict[str, Any] = Field(description="max_documents, max_pairs, max_text_chars and the batching settings.")
     stats: ServeStats
+
+
+# --------------------------------------------------------------------------------------------
+# Text Embeddings Inference's rerank shape, on POST /rerank
+# --------------------------------------------------------------------------------------------
+class TeiRerankRequest(BaseModel):
+    """Hugging Face TEI's ``POST /rerank`` body (told apart from ce-ray's by ``texts``); the answer is TEI's
+    list of ``{index, score[, text]}``, best first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: Text
+    texts: list[Text] = Field(min_length=1)
+    raw_scores: StrictBool = Field(False, description="Logits instead of sigmoid scores.")
+    return_text: StrictBool = Field(False)
+    truncate: StrictBool = Field(True, description="false: a pair longer than the model's max length is 413.")
+    truncation_direction: Literal["Right", "right"] = Field("Right", description="Only Right is supported.")
+
+    def to_rerank(self) -> RerankRequest:
+        return RerankRequest(
+            query=self.query, documents=self.texts, return_documents=self.return_text, raw_scores=self.raw_scores
+        )
+
+
+class TeiRerankResult(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ce_ray.config import ServeConfig
 from ce_ray.serving.api import (
     ApiError,
+    TeiRerankRequest,
+    TeiRerankResult,
     CohereRerankRequest,
     CohereRerankResponse,
     ErrorResponse,
@@ -135,6 +137,29 @@ async def require_api_key(credentials: HTTPAuthorizationCredentials | None = Dep
 
 _OPEN_PATHS = ("/health",)
 _DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+async def _json_body(request: Request):
+    """The request's JSON; an empty body is a missing body (422), bad JSON is 400, as FastAPI's own parsing does."""
+    import json
+
+    raw = await request.body()
+    if not raw.strip():
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error"}]) from None
+
+
+def _validated(model_cls, body):
+    """``body`` validated as ``model_cls``; errors become the same 422 every route gives."""
+    from pydantic import ValidationError
+
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
 class RequestGuard:
@@ -248,22 +273,52 @@ class CrossEncoderAPI:
 
     @app.post(
         "/rerank",
-        response_model=RerankResponse,
+        response_model=RerankResponse | list[TeiRerankResult],
         response_model_exclude_none=True,
         responses=_ERRORS,
         dependencies=[Depends(require_api_key)],
         tags=["rerank"],
         response_description="Documents sorted by relevance, best first.",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"anyOf": [RerankRequest.model_json_schema(), TeiRerankRequest.model_json_schema()]}
+                    }
+                },
+            }
+        },
     )
-    async def rerank(self, request: RerankRequest) -> RerankResponse:
-        """Rank documents for a query (Cohere/Infinity shape).
+    async def rerank(self, request: Request):
+        """Rank documents for a query: ce-ray's (Cohere/Infinity) shape, or TEI's when the body has ``texts``.
 
         Scores equal `CrossEncoder.rank` on the same inputs. Pairs longer than the model's max
         length are truncated and counted in `usage.truncated_documents`.
         """
-        request = coerce(RerankRequest, request)
-        check_rerank(request, self.cfg, self.names, self.name)
-        return await self._call(self.model.rerank, request)
+        if isinstance(request, Request):  # HTTP
+            body = await _json_body(request)
+            if isinstance(body, dict) and "texts" in body:
+                return await self._tei(_validated(TeiRerankRequest, body))
+            rerank = _validated(RerankRequest, body)
+        else:  # a handle caller: a RerankRequest or a dict; errors as ApiError
+            rerank = coerce(RerankRequest, request)
+        check_rerank(rerank, self.cfg, self.names, self.name)
+        return await self._call(self.model.rerank, rerank)
+
+    async def _tei(self, request: TeiRerankRequest) -> list[TeiRerankResult]:
+        rerank = request.to_rerank()
+        check_rerank(rerank, self.cfg, self.names, self.name)
+        answer: RerankResponse = await self._call(self.model.rerank, rerank)
+        if not request.truncate and answer.usage.truncated_documents:
+            raise ApiError(
+                413,
+                "too_large",
+                f"texts: {answer.usage.truncated_documents} pair(s) longer than the model's max length and truncate "
+                "is false; send shorter texts or truncate: true",
+                field="texts",
+            )
+        return [TeiRerankResult(index=r.index, score=r.relevance_score, text=r.document) for r in answer.results]
 
     async def _cohere(self, request: CohereRerankRequest, version: str, response: Response) -> CohereRerankResponse:
         unsupported = request.unsupported_fields()

@@ -167,7 +167,8 @@ class CrossEncoderModel:
             )
         docs = request.documents
         scored = _raise_failure(await self._score_batch(_Job([request.query] * len(docs), docs)))
-        scores = self.activation(torch.from_numpy(scored.logits)).reshape(-1).tolist()
+        logits = torch.from_numpy(scored.logits)
+        scores = (logits if request.raw_scores else self.activation(logits)).reshape(-1).tolist()
         ranked = sorted(range(len(docs)), key=lambda i: scores[i], reverse=True)[: request.top_n]
         return RerankResponse(
             results=[
