@@ -333,6 +333,11 @@ class ScalingConfig(_Section):
 
 
 class RunConfig(_Section):
+    @field_validator("report_to", mode="before", check_fields=False)
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
     output_dir: str = Field(
         "runs/default",
         description="Where checkpoints, final model and summaries go: a local path or a URI "
@@ -357,6 +362,13 @@ class RunConfig(_Section):
         False,
         description="Write, per worker, fingerprints of the training rows it saw to <output_dir>/workers/ "
         "(to audit data sharding).",
+    )
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Where training logs loss, learning rate and eval metrics (Hugging Face report_to names: "
+        "tensorboard, mlflow, wandb, ..., or none), from rank 0 only. TensorBoard events go to "
+        "<output_dir>/tensorboard/ (a tune trial: its own trial folder); MLflow and W&B read their usual "
+        "environment variables (MLFLOW_TRACKING_URI, WANDB_PROJECT...), which ce-ray passes to the workers.",
     )
     restart: bool = Field(
         False,

@@ -76,6 +76,18 @@ def test_two_workers_shard_the_data_and_end_with_identical_weights(tiny_model, n
     assert model.predict([("A man sleeps.", "A person rests.")]).shape == (1, 3)
     assert not list(out.glob(".tmp-*"))  # nothing half-written left behind
 
+    # Tracked training (run.report_to: tensorboard by default): rank 0 alone wrote one event file, with the
+    # loss and learning rate per logging step and the eval metrics, read back with TensorBoard's own reader.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len(events) == 1, events
+    scalars = EventAccumulator(str(events[0])).Reload()
+    tags = set(scalars.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "eval/accuracy", "eval/f1_macro"} <= tags, tags
+    assert [e.step for e in scalars.Scalars("eval/accuracy")] == [0, 4, 8]
+    assert [e.step for e in scalars.Scalars("train/loss")] == [4, 8]  # every min(run.checkpoint_every, 50) steps
+
 
 def _registered_checkpoint(snapshot: Path) -> bool:
     try:

@@ -51,6 +51,7 @@ def make_trainer(
     name: str,
     storage_path: str,
     stats_dir: str,
+    log_dir: str | None = None,
     callbacks: list | None = None,
 ):
     """The ``TorchTrainer`` for one run (used by :func:`run_training` and by each tune trial)."""
@@ -64,7 +65,7 @@ def make_trainer(
     task = TASKS[job.task]
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.to_dict(), "data": prepared.to_dict(), "stats_dir": stats_dir},
+        train_loop_config={"job": job.to_dict(), "data": prepared.to_dict(), "stats_dir": stats_dir, "log_dir": log_dir},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
@@ -179,7 +180,9 @@ def run_training(job: JobConfig) -> TrainOutcome:
     # [2] Fit on Ray.
     ensure_ray()
     stats_dir = storage.join(out, "workers")
-    trainer = make_trainer(job, prepared, name=job.run.name, storage_path=out, stats_dir=stats_dir)
+    trainer = make_trainer(
+        job, prepared, name=job.run.name, storage_path=out, stats_dir=stats_dir, log_dir=storage.join(out, "tensorboard")
+    )
     result = trainer.fit()
 
     # [3] Publish the final model (best or last checkpoint, with its test score and the retriever

@@ -16,10 +16,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import ray.train
 
+from ce_ray import storage
 from ce_ray.config import JobConfig, job_from_dict
 from ce_ray.data.prepare import PreparedData, load_prepared
 from ce_ray.modeling import load_cross_encoder, set_pad_multiple
@@ -31,7 +33,8 @@ __all__ = ["native_bf16", "pad_multiple", "resolve_precision", "train_loop_per_w
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """What every Ray Train worker runs. ``config``: ``job`` (dict), ``data`` (PreparedData dict), ``stats_dir``."""
+    """What every Ray Train worker runs. ``config``: ``job`` (dict), ``data`` (PreparedData dict), ``stats_dir``,
+    ``log_dir`` (where rank 0 publishes its TensorBoard events, or None)."""
     from ray.train.huggingface.transformers import prepare_trainer
     from sentence_transformers.cross_encoder import CrossEncoderTrainer
     from transformers import set_seed
@@ -67,6 +70,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     local_dir = tempfile.mkdtemp(prefix=f"ce_ray_rank{rank}_")  # per rank: no two ranks share a dir
     args = training_arguments(job, world_size, local_dir, resuming=checkpoint is not None)
+    # TensorBoard events (rank 0 writes them) go to a local folder, published next to the stats at the end
+    os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(local_dir, "tensorboard")
 
     # [6] Trainer, wired to Ray Train.
     callbacks: list = [Reporter(rank, world_size)]
@@ -88,6 +93,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         output = trainer.train()
 
     stats.finish(trainer, output, resumed=checkpoint is not None, early_stopped_at=stopper.stopped_at if stopper else None)
+    events = os.path.join(local_dir, "tensorboard")
+    log_dir = config.get("log_dir")
+    if log_dir and rank == 0 and os.path.isdir(events) and os.listdir(events):  # one folder per attempt
+        storage.publish_dir(events, storage.join(log_dir, f"attempt-{time.strftime('%Y%m%dT%H%M%S')}"))
     shutil.rmtree(local_dir, ignore_errors=True)
 
 
@@ -131,7 +140,7 @@ def training_arguments(job: JobConfig, world_size: int, output_dir: str, resumin
         save_steps=run.checkpoint_every,
         save_total_limit=1,  # local copies only; Ray keeps the uploaded ones
         logging_steps=max(1, min(run.checkpoint_every, 50)),
-        report_to="none",
+        report_to=[r for r in run.report_to if r != "none"] or "none",  # HF logs from rank 0 only
         disable_tqdm=True,
         batch_sampler=sampler,
         torch_compile=t.compile,

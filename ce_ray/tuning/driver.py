@@ -147,6 +147,7 @@ def _trial_driver(params: dict[str, Any], base_job: dict[str, Any], trials_dir: 
         name=_trial_name(trial_id),
         storage_path=trials_dir,
         stats_dir=_trial_stats_dir(trials_dir, trial_id),
+        log_dir=storage.join(trials_dir, _trial_name(trial_id), "tensorboard"),
         callbacks=[TuneReportCallback()],
     )
     trainer.fit()
