@@ -195,23 +195,16 @@ def score_isolated(score: Callable[[list[Any]], list[Any]], jobs: list[Any]) -> 
     """
     try:
         return score(jobs)
-    except Exception:
+    except Exception as exc:
         if len(jobs) == 1:
             logger.exception("scoring a request failed")
-            return [_failure()]
+            return [exc]
         logger.warning("a batch of %d requests failed; scoring each alone", len(jobs))
     out: list[Any] = []
     for job in jobs:
         try:
             out.extend(score([job]))
-        except Exception:
+        except Exception as exc:
             logger.exception("scoring a request failed")
-            out.append(_failure())
+            out.append(exc)
     return out
-
-
-def _failure() -> Exception:
-    import sys
-
-    exc = sys.exc_info()[1]
-    return exc if isinstance(exc, Exception) else RuntimeError("scoring failed")

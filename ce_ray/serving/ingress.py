@@ -135,6 +135,9 @@ async def require_api_key(credentials: HTTPAuthorizationCredentials | None = Dep
         raise _UNAUTHORIZED
 
 
+# What every scoring route shares: the key, the documented errors, no null fields in answers.
+_SCORING_ROUTE = {"response_model_exclude_none": True, "responses": _ERRORS, "dependencies": [Depends(require_api_key)]}
+
 _OPEN_PATHS = ("/health",)
 _DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
@@ -274,9 +277,7 @@ class CrossEncoderAPI:
     @app.post(
         "/rerank",
         response_model=RerankResponse | list[TeiRerankResult],
-        response_model_exclude_none=True,
-        responses=_ERRORS,
-        dependencies=[Depends(require_api_key)],
+        **_SCORING_ROUTE,
         tags=["rerank"],
         response_description="Documents sorted by relevance, best first.",
         openapi_extra={
@@ -342,9 +343,7 @@ class CrossEncoderAPI:
     @app.post(
         "/v1/rerank",
         response_model=CohereRerankResponse,
-        response_model_exclude_none=True,
-        responses=_ERRORS,
-        dependencies=[Depends(require_api_key)],
+        **_SCORING_ROUTE,
         tags=["rerank"],
     )
     async def cohere_v1(self, request: CohereRerankRequest, response: Response) -> CohereRerankResponse:
@@ -354,9 +353,7 @@ class CrossEncoderAPI:
     @app.post(
         "/v2/rerank",
         response_model=CohereRerankResponse,
-        response_model_exclude_none=True,
-        responses=_ERRORS,
-        dependencies=[Depends(require_api_key)],
+        **_SCORING_ROUTE,
         tags=["rerank"],
     )
     async def cohere_v2(self, request: CohereRerankRequest, response: Response) -> CohereRerankResponse:
@@ -366,9 +363,7 @@ class CrossEncoderAPI:
     @app.post(
         "/predict",
         response_model=PredictResponse,
-        response_model_exclude_none=True,
-        responses=_ERRORS,
-        dependencies=[Depends(require_api_key)],
+        **_SCORING_ROUTE,
         tags=["classify"],
         response_description="One result per pair, in request order.",
     )

@@ -79,9 +79,9 @@ class TuneOutcome:
 # --------------------------------------------------------------------------------------------
 # [1] before Ray: everything that can fail on the config or the data
 # --------------------------------------------------------------------------------------------
-def _prepare_all(job: JobConfig, space: dict[str, Any], key: str = "tune.search_space") -> None:
-    """Check rows, shape them for every loss in the space and mine negatives, before Ray starts."""
-    prepare_split(job, "eval")
+def _prepare_all(job: JobConfig, space: dict[str, Any], key: str = "tune.search_space") -> PreparedSplit:
+    """Check rows, shape them for every loss in the space and mine negatives, before Ray starts; the eval split."""
+    eval_split = prepare_split(job, "eval")
     errors: list[str] = []
     base = job.to_dict()
     batches = values_in_space(space, "train.batch_size", job.train.batch_size)
@@ -95,6 +95,7 @@ def _prepare_all(job: JobConfig, space: dict[str, Any], key: str = "tune.search_
             errors.extend(f"{key}.train.loss = {loss!r}: {e}" for e in exc.errors)
     if errors:
         raise ConfigError(errors)
+    return eval_split
 
 
 def _has_scores(job: JobConfig) -> bool:
@@ -110,8 +111,7 @@ def _check_before_ray(job: JobConfig) -> tuple[dict[str, Any], PreparedSplit, Pr
     """The validated space and the prepared eval/test rows; every loss's train rows shaped and cached."""
     check_model(job.model)
     space = search_space(job, has_scores=_has_scores(job))
-    _prepare_all(job, space)
-    eval_split = prepare_split(job, "eval")
+    eval_split = _prepare_all(job, space)
     test_split = prepare_split(job, "test") if job.data.test is not None else None
     if job.tune.refit:
         _prepare_all(refit_job(job, job), space, key="tune.refit_set")
