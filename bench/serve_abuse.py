@@ -62,7 +62,7 @@ async def _post_all(url: str, bodies: list, headers: dict) -> list:
 
 
 def _peak_mb(url: str) -> float:
-    return httpx.get(f"{url}/info", headers=AUTH, timeout=60).json()["stats"]["peak_rss_mb"]
+    return max(r["peak_rss_mb"] for r in httpx.get(f"{url}/info", headers=AUTH, timeout=60).json()["replicas"])
 
 
 def run(url: str, burst: int) -> list[dict]:

@@ -141,10 +141,12 @@ def run_served(label: str, cfg, requests: list[dict], clients: int) -> dict:
     try:
         asyncio.run(_drive(url, requests[:clients], clients))  # warm-up: connections, first batches
         latencies, errors, wall = asyncio.run(_drive(url, requests, clients))
-        stats = httpx.get(f"{url}/info", timeout=60).json()["stats"]
+        info = httpx.get(f"{url}/info", timeout=60).json()
     finally:
         stop_server("bench")
-    row = _row(label, requests, latencies, errors, wall, stats["peak_rss_mb"], stats["peak_gpu_mb"])
+    stats, replicas = info["totals"], info["replicas"]
+    peak_gpu = max((r["peak_gpu_mb"] or 0 for r in replicas), default=0) or None
+    row = _row(label, requests, latencies, errors, wall, max(r["peak_rss_mb"] for r in replicas), peak_gpu)
     row["batching"] = (
         f"{stats['requests'] / max(stats['batches'], 1):.1f} requests/batch (max {stats['max_requests_per_batch']}), "
         f"{stats['pairs'] / max(stats['forward_passes'], 1):.0f} pairs/forward pass"

@@ -9,6 +9,7 @@ Examples::
     ce-ray predict --model runs/nli/final "A man is eating pizza" "A man eats something"
     ce-ray rank --model runs/rerank/final --query "How many people live in Berlin?" doc1 doc2
     ce-ray serve --model runs/rerank-tune/best
+    ce-ray serve --model legal=runs/legal/best --model medical=runs/medical/best
     ce-ray validate jobs/nli_train.yaml        # check a job without running it
     ce-ray demo                                # offline end-to-end demo
 """
@@ -187,13 +188,32 @@ def _cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_overrides(models: list[str]) -> list[str]:
+    """``--model DIR`` -> serve.model; ``--model NAME=DIR`` (repeatable) -> serve.models (then serve.model is unset)."""
+    named = [m for m in models if "=" in m]
+    if not named:
+        if len(models) > 1:
+            raise ConfigError("--model: give one DIR, or several as NAME=DIR (e.g. --model legal=runs/legal/best)")
+        return [f"serve.model={m}" for m in models]
+    if len(named) != len(models):
+        raise ConfigError("--model: give one DIR, or name every model as NAME=DIR (not both)")
+    overrides = ["serve.model=null"]
+    for item in named:
+        name, _, path = item.partition("=")
+        if not name.strip() or not path.strip() or "." in name:
+            raise ConfigError(f"--model {item!r}: expected NAME=DIR, NAME without dots (e.g. legal=runs/legal/best)")
+        overrides.append(f"serve.models.{name.strip()}={path.strip()}")
+    return overrides
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ce_ray.serving import serve_forever
 
     overrides = list(args.overrides)
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key: empty, which would serve without authentication; give a real key or leave it out")
-    for key in ("model", "host", "port", "api_key"):
+    overrides += _model_overrides(args.model or [])
+    for key in ("host", "port", "api_key"):
         value = getattr(args, key)
         if value is not None:
             overrides.append(f"serve.{key}={value}")
@@ -259,7 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("serve", _cmd_serve, "serve a model over HTTP with Ray Serve (POST /rerank, /predict)")
     _add_job_args(p, required=False)
-    p.add_argument("--model", help="model directory, or a train/tune output_dir (uses best/ or final/)")
+    p.add_argument(
+        "--model",
+        action="append",
+        help="model directory, or a train/tune output_dir (uses best/ or final/); several models: repeat as "
+        "NAME=DIR (a request's 'model' field picks one; the first is the default)",
+    )
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int)
     p.add_argument("--api-key", help="require this bearer token (prefer env CE_RAY_API_KEY)")

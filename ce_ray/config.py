@@ -444,6 +444,15 @@ class ServeConfig(_Section):
     model: str | None = Field(
         None, description="CrossEncoder directory to serve, or a tune/train output_dir (its best/ or final/ is used)."
     )
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Several models in one app, NAME: DIR (ce-ray serve --model a=DIR --model b=DIR): a request's "
+        "'model' field picks one (the first is the default), replicas load them on demand (Serve's model "
+        "multiplexing), at most serve.max_models_per_replica each. Use instead of serve.model.",
+    )
+    max_models_per_replica: int = Field(
+        3, ge=1, description="With serve.models: models one replica keeps loaded; the least recently used is unloaded."
+    )
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 exposes the API to the network.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     route_prefix: str = Field("/", description="URL prefix of the API.")
@@ -521,6 +530,22 @@ class ServeConfig(_Section):
     min_replicas: int = Field(1, ge=0, description="Autoscaling: fewest replicas.")
     max_replicas: int = Field(4, ge=1, description="Autoscaling: most replicas.")
     target_ongoing_requests: int = Field(32, ge=1, description="Autoscaling: ongoing requests per replica to aim for.")
+    upscale_delay_s: float = Field(30.0, ge=0, description="Autoscaling: how long load must stay high before a replica is added.")
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="Autoscaling: how long load must stay low before a replica is removed."
+    )
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Autoscaling: the window over which ongoing requests are averaged."
+    )
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="Most model replicas on one node (Serve's own option); 1 puts every replica on its own node. "
+        "Default: no limit (Serve spreads replicas over nodes as it can).",
+    )
+    ingress_replicas: int = Field(
+        1, ge=1, description="Replicas of the HTTP ingress (it only awaits the model; one per node is plenty)."
+    )
     num_cpus: float = Field(1.0, gt=0, description="CPUs per model replica (on CPU also its torch threads, rounded).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions allowed).")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
@@ -539,6 +564,16 @@ class ServeConfig(_Section):
                 f"max_batch_requests ({self.max_batch_requests}) is larger than max_concurrent_requests "
                 f"({self.max_concurrent_requests}): a replica never holds that many requests at once"
             )
+        if self.model and self.models:
+            raise ValueError(
+                "model and models are both set: serve one model with serve.model, or several with serve.models "
+                "(NAME: DIR), not both"
+            )
+        for name, path in self.models.items():
+            if not name.strip() or not str(path).strip():
+                raise ValueError(f"models: {name!r}: {path!r}: give NAME: DIR, both non-empty")
+        if self.num_replicas == "auto" and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is larger than max_replicas ({self.max_replicas})")
         if isinstance(self.num_replicas, int) and self.num_replicas < 1:
             raise ValueError(f"num_replicas must be at least 1 (or 'auto'), got {self.num_replicas}")
         if self.precision == "fp16" and self.num_gpus == 0:

@@ -102,6 +102,9 @@ def errors_of(overrides: list[str]) -> list[str]:
         (["task=nli", "run.name=has space"], "run.name: String should match pattern"),
         (["task=nli", "train.learning_rate"], "expected KEY=VALUE"),
         (["task=nli", "train.loss.class_weights=[1, 2]"], "train.loss.name: required"),
+        (["task=rerank", "serve.model=x", "serve.models.a=y"], "serve: model and models are both set"),
+        (["task=rerank", "serve.num_replicas=auto", "serve.min_replicas=3", "serve.max_replicas=2"],
+         "serve: min_replicas (3) is larger than max_replicas (2)"),
     ],
 )
 def test_bad_configs_name_the_key(overrides, expected):
@@ -200,3 +203,19 @@ def test_an_empty_api_key_on_the_command_line_is_refused():
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --api-key: empty, which would serve without authentication; give a real key or leave it out"
+
+
+def test_serve_models_from_repeated_name_equals_dir():
+    from ce_ray.cli import _model_overrides
+
+    job = load_job(None, _model_overrides(["legal=runs/legal/best", "medical=/m"]), base={"task": "rerank", "serve": {"model": "x"}})
+    assert job.serve.model is None and job.serve.models == {"legal": "runs/legal/best", "medical": "/m"}
+    assert load_job(None, _model_overrides(["runs/a"]), base={"task": "rerank"}).serve.model == "runs/a"
+    for bad, message in (
+        (["a=/x", "/y"], "name every model as NAME=DIR"),
+        (["/x", "/y"], "give one DIR, or several as NAME=DIR"),
+        (["a.b=/x"], "NAME without dots"),
+        (["=/x"], "expected NAME=DIR"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            _model_overrides(bad)

@@ -97,7 +97,7 @@ def _post(url: str, body=None, *, content: bytes | None = None, headers: dict | 
 def _stats(server) -> dict:
     response = httpx.get(f"{server.rerank}/info", headers=AUTH, timeout=30)
     assert response.status_code == 200, response.text
-    return response.json()["stats"]
+    return response.json()["totals"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,19 +543,29 @@ def test_empty_keys_are_refused_and_open_hosts_warned(model_dirs, monkeypatch):
     assert exposure_warning(ServeConfig(model=model_dirs.rerank, host="127.0.0.1")) is None
 
 
-def test_non_finite_scores_fail_only_their_request(tmp_path):
-    """A model whose head returns inf: the replica's scoring turns that request into an error, never a null score."""
+def test_non_finite_scores_fail_only_their_request(server, tmp_path):
+    """A model whose output is inf for one word (its embedding row is inf), served next to the others: a
+    request with that word is a JSON 500, never a null score; the same app answers other requests."""
     from sentence_transformers.cross_encoder import CrossEncoder
 
-    from ce_ray.serving.model import CrossEncoderModel, _Job
+    from ce_ray.serving import start_server, stop_server
 
     model = CrossEncoder(str(_tiny_dir(tmp_path)), num_labels=1)
+    (zebra,) = model.tokenizer("zebra", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        model.model.classifier.bias.fill_(float("inf"))
+        model.model.bert.embeddings.word_embeddings.weight[zebra].fill_(float("inf"))
     model.save(str(tmp_path / "inf"))
-    replica = CrossEncoderModel.func_or_class(ServeConfig(model=str(tmp_path / "inf"), num_cpus=1))
-    (out,) = replica._score([_Job(["q"], ["d"])])
-    assert isinstance(out, RuntimeError) and "non-finite" in str(out)
+    url = start_server(
+        ServeConfig(model=str(tmp_path / "inf"), route_prefix="/inf", num_cpus=0.25), name="test-inf", access_log=False
+    )
+    try:
+        response = _post(f"{url}/rerank", {"query": "q", "documents": ["a zebra"]})
+        assert response.status_code == 500, response.text
+        assert response.json()["error"]["type"] == "internal_error"
+        fine = _post(f"{url}/rerank", {"query": "q", "documents": ["a horse"]})
+        assert fine.status_code == 200 and 0 <= fine.json()["results"][0]["relevance_score"] <= 1
+    finally:
+        stop_server("test-inf")
 
 
 def _tiny_dir(tmp_path):

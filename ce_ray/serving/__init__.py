@@ -5,9 +5,12 @@ module         what it holds
 =============  =============================================================================
 ``app``        build, start and stop the application (:func:`start_server`, ``app_builder``)
 ``ingress``    the FastAPI routes: validation, API key, every error mapped to JSON
-``model``      the model deployment: one CrossEncoder per replica, batching across requests
+``model``      the model deployment: the CrossEncoder(s) of a replica, batching across requests
+``catalog``    the models an app serves, their names and where they load from
 ``batching``   token-budget forward passes over length-sorted pairs
 ``api``        request and response models, limits (the HTTP contract)
+``stats``      every replica's counters in one place, for ``GET /info``
+``metrics``    Prometheus metrics through ``ray.serve.metrics``
 =============  =============================================================================
 
 ``serve run ce_ray.serving:app_builder`` (or ``jobs/serve.yaml``) runs the same app with Ray's CLI.
@@ -17,6 +20,7 @@ from ce_ray.serving.app import (
     API_KEY_ENV,
     APP_NAME,
     app_builder,
+    metrics_url,
     quality_warning,
     serve_forever,
     start_server,
@@ -28,6 +32,7 @@ __all__ = [
     "API_KEY_ENV",
     "APP_NAME",
     "app_builder",
+    "metrics_url",
     "quality_warning",
     "serve_forever",
     "start_server",

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from ce_ray.config import ServeConfig
+from ce_ray.serving.catalog import Catalog
 
 __all__ = [
     "ApiError",
@@ -31,6 +32,8 @@ __all__ = [
     "RerankResponse",
     "RerankResult",
     "ServeStats",
+    "ServeTotals",
+    "ServedModel",
     "COHERE_UNSUPPORTED",
     "CohereRerankRequest",
     "CohereRerankResponse",
@@ -228,6 +231,9 @@ class ServeStats(BaseModel):
     """Counters of one model replica since it started (they show whether batching merges requests)."""
 
     replica: str
+    node_id: str | None = Field(None, description="The Ray node the replica runs on.")
+    pid: int | None = Field(None, description="The replica's process id.")
+    models: list[str] = Field(default_factory=list, description="Models loaded on this replica now.")
     requests: int = Field(description="Requests scored.")
     pairs: int = Field(description="Pairs scored.")
     batches: int = Field(description="Cross-request batches (@serve.batch calls).")
@@ -239,8 +245,37 @@ class ServeStats(BaseModel):
     peak_gpu_mb: float | None = Field(None, description="Peak GPU memory allocated by torch (GPU replicas).")
 
 
+class ServeTotals(BaseModel):
+    """The counters of every live replica, added up."""
+
+    replicas: int
+    requests: int
+    pairs: int
+    batches: int
+    max_requests_per_batch: int
+    forward_passes: int
+    mixed_forward_passes: int
+    truncated_pairs: int
+
+    @classmethod
+    def of(cls, replicas: list[ServeStats]) -> ServeTotals:
+        summed = ("requests", "pairs", "batches", "forward_passes", "mixed_forward_passes", "truncated_pairs")
+        return cls(
+            replicas=len(replicas),
+            max_requests_per_batch=max((r.max_requests_per_batch for r in replicas), default=0),
+            **{key: sum(getattr(r, key) for r in replicas) for key in summed},
+        )
+
+
+class ServedModel(BaseModel):
+    name: str
+    path: str = Field(description="Directory (or URI) the model loads from.")
+    default: bool = Field(description="Requests that name no model get this one.")
+    loaded_on: int = Field(description="Live replicas that hold it loaded now.")
+
+
 class InfoResponse(BaseModel):
-    model: str = Field(description="Name of the served model (accepted in the request's model field).")
+    model: str = Field(description="Name of the model described below (the default, or GET /info?model=NAME).")
     model_path: str = Field(description="Directory (or hub id) the model was loaded from.")
     task: str = Field(description="rerank (1 output: use /rerank) or nli/classification (use /predict).")
     num_labels: int
@@ -249,7 +284,11 @@ class InfoResponse(BaseModel):
     device: str
     precision: str
     limits: dict[str, Any] = Field(description="max_documents, max_pairs, max_text_chars and the batching settings.")
-    stats: ServeStats
+    models: list[ServedModel] = Field(default_factory=list, description="Every model this app serves.")
+    replicas: list[ServeStats] = Field(
+        default_factory=list, description="Every live model replica's counters (each at most about 1 s old)."
+    )
+    totals: ServeTotals | None = Field(None, description="The replicas' counters added up.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,15 +401,19 @@ def _check_text(field: str, text: str, cfg: ServeConfig) -> None:
         raise _too_large(field, f"{len(text)} characters, at most {cfg.max_text_chars} (serve.max_text_chars)")
 
 
-def _check_model(requested: str | None, served: set[str], name: str) -> None:
-    if requested is not None and requested not in served:
-        message = f"model: not served here; this server serves {name!r} (see GET /info)"
+def _check_model(requested: str | None, served: Catalog) -> str:
+    name = served.resolve(requested)
+    if name is None:
+        listed = ", ".join(repr(n) for n in served.names[:20])
+        message = f"model: {requested[:100]!r} is not served here; this server serves {listed} (see GET /info)"
         raise ApiError(404, "model_not_found", message, field="model")
+    return name
 
 
-def check_rerank(request: RerankRequest, cfg: ServeConfig, served: set[str], name: str) -> None:
-    """Raise :class:`ApiError` (413/404) when ``request`` is over the limits or names another model."""
-    _check_model(request.model, served, name)
+def check_rerank(request: RerankRequest, cfg: ServeConfig, served: Catalog) -> str:
+    """The name of the model ``request`` asks for; :class:`ApiError` (413/404) when it is over the limits or
+    names a model this app does not serve."""
+    name = _check_model(request.model, served)
     if len(request.documents) > cfg.max_documents:
         raise _too_large(
             "documents", f"{len(request.documents)} documents, at most {cfg.max_documents} (serve.max_documents)"
@@ -378,16 +421,18 @@ def check_rerank(request: RerankRequest, cfg: ServeConfig, served: set[str], nam
     _check_text("query", request.query, cfg)
     for i, doc in enumerate(request.documents):
         _check_text(f"documents.{i}", doc, cfg)
+    return name
 
 
-def check_predict(request: PredictRequest, cfg: ServeConfig, served: set[str], name: str) -> None:
-    """Raise :class:`ApiError` (413/404) when ``request`` is over the limits or names another model."""
-    _check_model(request.model, served, name)
+def check_predict(request: PredictRequest, cfg: ServeConfig, served: Catalog) -> str:
+    """The name of the model ``request`` asks for; :class:`ApiError` (413/404) as :func:`check_rerank`."""
+    name = _check_model(request.model, served)
     if len(request.pairs) > cfg.max_pairs:
         raise _too_large("pairs", f"{len(request.pairs)} pairs, at most {cfg.max_pairs} (serve.max_pairs)")
     for i, pair in enumerate(request.pairs):
         for j, text in enumerate(pair):
             _check_text(f"pairs.{i}.{j}", text, cfg)
+    return name
 
 
 def coerce(model_cls, value):

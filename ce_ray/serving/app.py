@@ -50,6 +50,7 @@ __all__ = [
     "api_key",
     "app_builder",
     "exposure_warning",
+    "metrics_url",
     "quality_warning",
     "serve_forever",
     "start_server",
@@ -62,30 +63,49 @@ APP_NAME = "ce-ray"
 
 
 def _replica_options(cfg: ServeConfig) -> dict:
+    """The model deployment's Serve options: replicas (or autoscaling), placement, queue bounds, draining."""
     if cfg.num_replicas == "auto":
         scale = {
             "autoscaling_config": {
                 "min_replicas": cfg.min_replicas,
                 "max_replicas": cfg.max_replicas,
                 "target_ongoing_requests": cfg.target_ongoing_requests,
+                "upscale_delay_s": cfg.upscale_delay_s,
+                "downscale_delay_s": cfg.downscale_delay_s,
+                "look_back_period_s": cfg.look_back_period_s,
             }
         }
     else:
         scale = {"num_replicas": cfg.num_replicas}
-    return {**scale, "max_ongoing_requests": cfg.max_concurrent_requests}
+    if cfg.max_replicas_per_node is not None:
+        scale["max_replicas_per_node"] = cfg.max_replicas_per_node
+    return {
+        **scale,
+        "max_ongoing_requests": cfg.max_concurrent_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        # A replica Serve stops (scale-down, redeploy) first finishes what it holds, up to the request deadline.
+        "graceful_shutdown_timeout_s": cfg.request_timeout_s + 5,
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+    }
 
 
 def _check_model_path(cfg: ServeConfig) -> None:
-    """``serve.model`` holds a model (a remote one is only looked at here: the replicas download it)."""
-    if not cfg.model:
-        raise ConfigError("serve.model: required; a CrossEncoder directory or a train/tune output_dir (--model DIR)")
-    try:
-        path = locate_model(cfg.model)
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"serve.model: {exc}") from None
-    looks_local = os.path.isabs(cfg.model) or cfg.model.startswith((".", "~")) or os.path.exists(cfg.model)
-    if not is_remote(path) and looks_local and not is_model_dir(path):
-        raise ConfigError(f"serve.model: {cfg.model} is not a model directory (config.json and weights)")
+    """``serve.model`` (or each of ``serve.models``) holds a model (a remote one is only looked at here: the
+    replicas download it)."""
+    if not cfg.model and not cfg.models:
+        raise ConfigError(
+            "serve.model: required; a CrossEncoder directory or a train/tune output_dir (--model DIR), "
+            "or several as serve.models (--model NAME=DIR ...)"
+        )
+    where = {"serve.model": cfg.model} if cfg.model else {f"serve.models.{n}": m for n, m in cfg.models.items()}
+    for key, model in where.items():
+        try:
+            path = locate_model(model)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+        looks_local = os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)
+        if not is_remote(path) and looks_local and not is_model_dir(path):
+            raise ConfigError(f"{key}: {model} is not a model directory (config.json and weights)")
 
 
 def quality_warning(model: str) -> str | None:
@@ -149,14 +169,12 @@ def app_builder(args: ServeConfig) -> Application:
         args = load_job(base={"task": "rerank", "serve": dict(args)}).serve
     cfg = args.model_copy(update={"api_key": api_key(args)})
     _check_model_path(cfg)
-    model = CrossEncoderModel.options(
-        **_replica_options(cfg),
-        max_queued_requests=cfg.max_queued_requests,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-    ).bind(cfg)
+    model = CrossEncoderModel.options(**_replica_options(cfg)).bind(cfg)
     # The ingress only awaits the model: it holds many requests cheaply, so that shedding happens at the
-    # model's bounded queue and every refused request still gets the app's JSON 503.
-    ingress = {**_replica_options(cfg), "max_ongoing_requests": 4 * (cfg.max_concurrent_requests + cfg.max_queued_requests) + 100}
+    # models' bounded queues and every refused request still gets the app's JSON 503.
+    replicas = cfg.max_replicas if cfg.num_replicas == "auto" else cfg.num_replicas
+    held = replicas * (cfg.max_concurrent_requests + cfg.max_queued_requests)
+    ingress = {"num_replicas": cfg.ingress_replicas, "max_ongoing_requests": 4 * held + 100}
     return CrossEncoderAPI.options(**ingress, max_queued_requests=-1).bind(model, cfg)  # -1: Serve's "no limit"
 
 
@@ -241,11 +259,29 @@ def _base_url(cfg: ServeConfig) -> str:
 
 def stop_server(name: str | None = None) -> None:
     """Delete app ``name`` (Serve stays up while other apps run); without a name, shut Serve down."""
-    if name is not None:
-        serve.delete(name)
-        if serve.status().applications:
-            return
-    serve.shutdown()
+    from ce_ray.serving.stats import remove_board
+
+    try:
+        names = [name] if name is not None else list(serve.status().applications)
+    except Exception:  # Serve is not running
+        names = []
+    for app in names:
+        serve.delete(app)
+        remove_board(app)
+    if name is None or not serve.status().applications:
+        serve.shutdown()
+
+
+def metrics_url() -> str | None:
+    """This node's Ray metrics endpoint, where the app's ``ce_ray_*`` and Serve's metrics are exported."""
+    import ray
+
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+        (node,) = [n for n in ray.nodes() if n["NodeID"] == node_id]
+        return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    except Exception:
+        return None
 
 
 def serve_forever(cfg: ServeConfig) -> None:
@@ -254,11 +290,16 @@ def serve_forever(cfg: ServeConfig) -> None:
     def _interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    for warning in (quality_warning(cfg.model) if cfg.model else None, exposure_warning(cfg)):
+    models = [cfg.model] if cfg.model else list(cfg.models.values())
+    for warning in (*(quality_warning(m) for m in models), exposure_warning(cfg)):
         if warning:
             print(warning, file=sys.stderr, flush=True)
     url = start_server(cfg)
-    print(f"serving {cfg.model_name or cfg.model} at {url}  (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
+    served = cfg.model_name or cfg.model or ", ".join(f"{n}={m}" for n, m in cfg.models.items())
+    print(f"serving {served} at {url}  (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
+    metrics = metrics_url()
+    if metrics:
+        print(f"Prometheus metrics (ce_ray_*, ray_serve_*): {metrics}", flush=True)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         threading.Event().wait()

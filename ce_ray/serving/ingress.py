@@ -38,12 +38,17 @@ from ce_ray.serving.api import (
     PredictResponse,
     RerankRequest,
     RerankResponse,
+    ServedModel,
+    ServeStats,
+    ServeTotals,
     check_predict,
     check_rerank,
     coerce,
     field_name,
 )
-from ce_ray.serving.model import served_names
+from ce_ray.serving.catalog import catalog
+from ce_ray.serving.metrics import IngressMetrics, route_label
+from ce_ray.serving.stats import board_for
 
 __all__ = ["CrossEncoderAPI", "app", "require_api_key"]
 
@@ -184,11 +189,28 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         api = serve.get_replica_context().servable_object
-        cfg: ServeConfig = api.cfg
         path = scope.get("path", "")
         root = scope.get("root_path", "")
         route = path[len(root) :] if root and path.startswith(root) else path
         route = "/" + route.strip("/")
+        status = 500  # a request that ends without an answer (the client left) counts as a failure
+
+        async def counted_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        try:
+            return await self._guarded(api, route, scope, receive, counted_send)
+        finally:
+            label = route_label(route)
+            api.metrics.requests.inc(tags={"route": label, "status": str(status)})
+            api.metrics.latency.observe(time.perf_counter() - started, tags={"route": label})
+
+    async def _guarded(self, api, route: str, scope, receive, send):
+        cfg: ServeConfig = api.cfg
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         is_open = route in _OPEN_PATHS or (route in _DOCS_PATHS and api.docs_public)
         if not is_open and not _key_ok(api.api_key, headers.get("authorization")):
@@ -247,15 +269,23 @@ class CrossEncoderAPI:
         self.cfg = cfg
         self.api_key = cfg.api_key
         self.docs_public = cfg.docs_public if cfg.docs_public is not None else cfg.api_key is None
-        self.name, self.names = served_names(cfg)
+        self.catalog = catalog(cfg)
+        self.metrics = IngressMetrics()
+        self.app_name = serve.get_replica_context().app_name
         self._last_answer = float("-inf")  # monotonic time of the model's latest answer
 
-    async def _call(self, method, request):
-        """Call the model; anything but an :class:`ApiError` becomes a 503/500 without its text."""
+    def _handle(self, name: str) -> DeploymentHandle:
+        """The model handle for model ``name`` (with several models, Serve routes to a replica holding it)."""
+        return self.model.options(multiplexed_model_id=name) if self.catalog.multiplexed else self.model
+
+    async def _call(self, method: str, name: str, request, route: str):
+        """Call ``method`` of model ``name``; anything but an :class:`ApiError` becomes a 503/500 without its text."""
         try:
-            result = await asyncio.wait_for(self._await(method.remote(request)), self.cfg.request_timeout_s)
+            call = getattr(self._handle(name), method).remote(request)
+            result = await asyncio.wait_for(self._await(call), self.cfg.request_timeout_s)
         except TimeoutError:
             logger.warning("a request passed its deadline of %.0f s (serve.request_timeout_s)", self.cfg.request_timeout_s)
+            self.metrics.shed.inc(tags={"route": route, "reason": "deadline"})
             raise ApiError(
                 504, "timeout", f"the request took longer than {self.cfg.request_timeout_s:g} s; retry later",
                 headers={"Retry-After": "1"},
@@ -264,10 +294,14 @@ class CrossEncoderAPI:
             self._last_answer = time.monotonic()
             raise
         except BackPressureError:
+            self.metrics.shed.inc(tags={"route": route, "reason": "busy"})
             raise ApiError(503, "overloaded", "the model is busy; retry later", headers={"Retry-After": "1"}) from None
         except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError):
-            logger.exception("model replica unavailable")
-            raise ApiError(503, "unavailable", "the model is not available; retry later") from None
+            logger.exception("model replica unavailable")  # e.g. its process died; Serve starts a new one
+            self.metrics.shed.inc(tags={"route": route, "reason": "unavailable"})
+            raise ApiError(
+                503, "unavailable", "the model is not available; retry later", headers={"Retry-After": "1"}
+            ) from None
         except Exception:
             logger.exception("model call failed")
             raise ApiError(500, "internal_error", "the model failed on this request; see the server log") from None
@@ -304,13 +338,13 @@ class CrossEncoderAPI:
             rerank = _validated(RerankRequest, body)
         else:  # a handle caller: a RerankRequest or a dict; errors as ApiError
             rerank = coerce(RerankRequest, request)
-        check_rerank(rerank, self.cfg, self.names, self.name)
-        return await self._call(self.model.rerank, rerank)
+        name = check_rerank(rerank, self.cfg, self.catalog)
+        return await self._call("rerank", name, rerank, "/rerank")
 
     async def _tei(self, request: TeiRerankRequest) -> list[TeiRerankResult]:
         rerank = request.to_rerank()
-        check_rerank(rerank, self.cfg, self.names, self.name)
-        answer: RerankResponse = await self._call(self.model.rerank, rerank)
+        name = check_rerank(rerank, self.cfg, self.catalog)
+        answer: RerankResponse = await self._call("rerank", name, rerank, "/rerank")
         if not request.truncate and answer.usage.truncated_documents:
             raise ApiError(
                 413,
@@ -337,8 +371,8 @@ class CrossEncoderAPI:
         rerank = request.to_rerank()
         if version == "2":  # v2 returns no document texts
             rerank = rerank.model_copy(update={"return_documents": False})
-        check_rerank(rerank, self.cfg, self.names, self.name)
-        return CohereRerankResponse.of(await self._call(self.model.rerank, rerank), version)
+        name = check_rerank(rerank, self.cfg, self.catalog)
+        return CohereRerankResponse.of(await self._call("rerank", name, rerank, f"/v{version}/rerank"), version)
 
     @app.post(
         "/v1/rerank",
@@ -370,14 +404,14 @@ class CrossEncoderAPI:
     async def predict(self, request: PredictRequest) -> PredictResponse:
         """Classify text pairs (NLI: premise, hypothesis) with the model's label names."""
         request = coerce(PredictRequest, request)
-        check_predict(request, self.cfg, self.names, self.name)
-        return await self._call(self.model.predict, request)
+        name = check_predict(request, self.cfg, self.catalog)
+        return await self._call("predict", name, request, "/predict")
 
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}}, tags=["ops"])
     async def health(self, request: Request):
         """200 once a model replica is up (model loaded), else 503. Needs no API key; without it, the
         answer is only the status (the model's name needs the key)."""
-        name = self.name if _key_ok(self.api_key, request.headers.get("authorization")) else None
+        name = self.catalog.default if _key_ok(self.api_key, request.headers.get("authorization")) else None
         if time.monotonic() - self._last_answer > _HEALTH_FRESH_S:
             try:
                 await asyncio.wait_for(self._await(self.model.health.remote()), HEALTH_TIMEOUT_S)
@@ -391,13 +425,29 @@ class CrossEncoderAPI:
     @app.get(
         "/info", response_model=InfoResponse, responses=_ERRORS, dependencies=[Depends(require_api_key)], tags=["ops"]
     )
-    async def info(self) -> InfoResponse:
-        """The model, its task and max length, the limits, and batching counters of one replica."""
+    async def info(self, model: str | None = None) -> InfoResponse:
+        """The model (the default, or ``?model=NAME``): its task, max length and limits; every model the app
+        serves; every live replica's counters (each at most about 1 s old) and their totals."""
+        name = self.catalog.resolve(model)
+        if name is None:
+            raise ApiError(404, "model_not_found", f"model: {model[:100]!r} is not served here", field="model")
         try:
-            return await self.model.info.remote()
+            answer: InfoResponse = await self._handle(name).info.remote(name)
+            board = board_for(self.app_name)
+            replicas = [ServeStats.model_validate(r) for r in await board.read.remote()] if board else []
         except Exception:
             logger.exception("model info failed")
-            raise ApiError(503, "unavailable", "the model is not available") from None
+            raise ApiError(503, "unavailable", "the model is not available", headers={"Retry-After": "1"}) from None
+        # The replica that answered is exact now; the others as of their last push (or not yet pushed).
+        (answering,) = answer.replicas
+        replicas = [r for r in replicas if r.replica != answering.replica] + [answering]
+        replicas.sort(key=lambda r: r.replica)
+        loaded = [m for r in replicas for m in r.models]
+        models = [
+            ServedModel(name=n, path=path, default=n == self.catalog.default, loaded_on=loaded.count(n))
+            for n, path in self.catalog.locations.items()
+        ]
+        return answer.model_copy(update={"models": models, "replicas": replicas, "totals": ServeTotals.of(replicas)})
 
     @staticmethod
     async def _await(response):

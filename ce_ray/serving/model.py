@@ -1,23 +1,30 @@
-"""The model deployment: one replica holding one CrossEncoder, batching requests across callers.
+"""The model deployment: replicas holding CrossEncoders, batching requests across callers.
 
 Concurrent calls meet in ``@serve.batch``: the pairs of all requests in a batch are scored together
-by :class:`~ce_ray.serving.batching.PairScorer` and split back per request. Settings come from
-:class:`~ce_ray.config.ServeConfig`: ``max_batch_requests`` requests per batch (1 turns it off),
+by :class:`~ce_ray.serving.batching.PairScorer` (per model) and split back per request. Settings come
+from :class:`~ce_ray.config.ServeConfig`: ``max_batch_requests`` requests per batch (1 turns it off),
 ``batch_wait_timeout_s`` to fill a batch (a batch runs while the next one queues, so under load
 batches fill up by themselves), ``max_batch_size`` pairs and ``max_batch_tokens`` padded tokens per
 forward pass; ``num_gpus`` > 0 runs on CUDA; ``precision: auto`` is fp16 on GPU, fp32 on CPU; on
-CPU the replica uses ``num_cpus`` torch threads.
+CPU the replica uses ``num_cpus`` torch threads. With ``serve.models`` a replica loads the models
+requests ask for on demand (``@serve.multiplexed``), at most ``max_models_per_replica`` at once.
 """
 
+import asyncio
 import logging
+import os
 import resource
-from dataclasses import dataclass
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import ray
 from ray import serve
 
 from ce_ray.config import ServeConfig
-from ce_ray.modeling import is_remote, read_task, resolve_model_dir
+from ce_ray.modeling import read_task, resolve_model_dir
 from ce_ray.serving.api import (
     ApiError,
     InfoResponse,
@@ -33,8 +40,11 @@ from ce_ray.serving.api import (
     coerce,
 )
 from ce_ray.serving.batching import PairScorer, score_isolated
+from ce_ray.serving.catalog import catalog
+from ce_ray.serving.metrics import ModelMetrics
+from ce_ray.serving.stats import StatsPusher
 
-__all__ = ["CrossEncoderModel", "served_names"]
+__all__ = ["CrossEncoderModel", "LoadedModel", "load_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,19 +54,6 @@ def _raise_failure(scored):
     if isinstance(scored, Exception):
         raise scored
     return scored
-
-
-def served_names(cfg: ServeConfig) -> tuple[str, set[str]]:
-    """The model's public name and every name a request may use for it."""
-    assert cfg.model is not None
-    name = cfg.model_name or cfg.model
-    names = {name, cfg.model}
-    if not is_remote(cfg.model):  # resolving a remote model would download it here
-        try:
-            names.add(resolve_model_dir(cfg.model))
-        except (FileNotFoundError, ValueError):
-            pass
-    return name, names
 
 
 _COUNTERS = (
@@ -70,12 +67,79 @@ _COUNTERS = (
 )
 
 
+@dataclass(eq=False)
+class LoadedModel:
+    """One CrossEncoder ready to score: its scorer, its activation and what /info says of it."""
+
+    name: str
+    path: str
+    scorer: PairScorer
+    activation: Any
+    num_labels: int
+    labels: list[str] | None
+    task: str
+    max_length: int
+    max_batch_tokens: int
+    device: str
+    precision: str
+    __weakref__: Any = field(default=None, init=False, repr=False, compare=False)
+
+
+def load_model(name: str, location: str, cfg: ServeConfig) -> LoadedModel:
+    """Load ``location`` (a model dir or URI) as :class:`LoadedModel`, and run one warm-up pass.
+
+    Raises:
+        ValueError: not a plain sequence-classification CrossEncoder, or a GPU replica without CUDA.
+    """
+    import torch
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    path = resolve_model_dir(location)
+    device = "cuda" if cfg.num_gpus > 0 else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("serve.num_gpus > 0 but this replica sees no CUDA device")
+    precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device == "cuda" else "fp32")
+    ce = CrossEncoder(path, device=device)
+    plain = len(ce) == 1 and isinstance(ce[0], Transformer)
+    if not plain or ce[0].transformer_task != "sequence-classification":
+        raise ValueError(
+            f"{path}: ce-ray serves sequence-classification CrossEncoders (one Transformer module); "
+            f"this model has modules {[type(m).__name__ for m in ce]}"
+        )
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    net = ce.model.to(dtype).eval()
+    max_length = int(ce.max_seq_length or 512)
+    # CPU: small passes pad least and cost the same per token; GPU: large passes fill the device.
+    max_batch_tokens = cfg.max_batch_tokens or (32768 if device == "cuda" else 1024)
+    num_labels = ce.num_labels
+    scorer = PairScorer(
+        ce.tokenizer,
+        net,
+        device,
+        max_length,
+        cfg.max_batch_size,
+        max_batch_tokens,
+        num_labels,
+        max_query_tokens=cfg.max_query_tokens,
+    )
+    id2label = getattr(net.config, "id2label", None) or {}
+    labels = [id2label.get(i, str(i)) for i in range(num_labels)] if num_labels > 1 else None
+    task = read_task(path) or ("rerank" if num_labels == 1 else "nli")
+    scorer.score(["warm-up"], ["warm-up"])  # the first, slow forward pass outside any request
+    return LoadedModel(
+        name, path, scorer, ce.activation_fn, num_labels, labels, task, max_length, max_batch_tokens, device, precision
+    )
+
+
 @dataclass
 class _Job:
     """The pairs of one request, waiting in the batch queue."""
 
+    model: LoadedModel
     firsts: list[str]
     seconds: list[str]
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -89,11 +153,11 @@ class _Scored:
 
 @serve.deployment(name="CrossEncoderModel")
 class CrossEncoderModel:
-    """One replica holding one CrossEncoder; ``rerank``, ``predict``, ``info`` and ``health`` are its methods.
+    """One replica holding the app's CrossEncoder(s); ``rerank``, ``predict``, ``info`` and ``health`` are its methods.
 
     Concurrent calls meet in :meth:`_score_batch` (``@serve.batch``): the pairs of all requests in a
-    batch are tokenized in one call, sorted by token length, cut into forward passes of at most
-    ``max_batch_size`` pairs and ``max_batch_tokens`` padded tokens, scored with
+    batch are tokenized in one call per model, sorted by token length, cut into forward passes of at
+    most ``max_batch_size`` pairs and ``max_batch_tokens`` padded tokens, scored with
     ``model(**features).logits`` under ``torch.inference_mode``, put back in order and split per
     request. The activation is the CrossEncoder's own (sigmoid for one output), so scores match
     ``CrossEncoder.rank``/``predict``.
@@ -104,52 +168,45 @@ class CrossEncoderModel:
 
     def __init__(self, cfg: ServeConfig):
         import torch
-        from sentence_transformers.base.modules import Transformer
-        from sentence_transformers.cross_encoder import CrossEncoder
 
         self.cfg = cfg
-        self.name, self.names = served_names(cfg)
-        self.path = resolve_model_dir(cfg.model)
-        self.device = "cuda" if cfg.num_gpus > 0 else "cpu"
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("serve.num_gpus > 0 but this replica sees no CUDA device")
-        self.precision = cfg.precision if cfg.precision != "auto" else ("fp16" if self.device == "cuda" else "fp32")
-        if self.device == "cpu":
+        self.catalog = catalog(cfg)
+        if cfg.num_gpus == 0:
             torch.set_num_threads(max(1, round(cfg.num_cpus)))
+        self._loaded: weakref.WeakValueDictionary[str, LoadedModel] = weakref.WeakValueDictionary()
+        self._single: LoadedModel | None = None
+        if self.catalog.multiplexed:
+            # Serve's model multiplexing, wired at start-up so that the LRU bound comes from the config.
+            async def load(name: str) -> LoadedModel:
+                loop = asyncio.get_running_loop()
+                model = await loop.run_in_executor(None, load_model, name, self.catalog.locations[name], cfg)
+                self._loaded[name] = model
+                return model
 
-        ce = CrossEncoder(self.path, device=self.device)
-        plain = len(ce) == 1 and isinstance(ce[0], Transformer)
-        if not plain or ce[0].transformer_task != "sequence-classification":
-            raise ValueError(
-                f"{self.path}: ce-ray serves sequence-classification CrossEncoders (one Transformer module); "
-                f"this model has modules {[type(m).__name__ for m in ce]}"
-            )
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
-        net = ce.model.to(dtype).eval()
-        self.activation = ce.activation_fn
-        self.max_length = int(ce.max_seq_length or 512)
-        # CPU: small passes pad least and cost the same per token; GPU: large passes fill the device.
-        self.max_batch_tokens = cfg.max_batch_tokens or (32768 if self.device == "cuda" else 1024)
-        self.num_labels = ce.num_labels
-        self.scorer = PairScorer(
-            ce.tokenizer,
-            net,
-            self.device,
-            self.max_length,
-            cfg.max_batch_size,
-            self.max_batch_tokens,
-            self.num_labels,
-            max_query_tokens=cfg.max_query_tokens,
-        )
-        id2label = getattr(net.config, "id2label", None) or {}
-        self.labels = [id2label.get(i, str(i)) for i in range(self.num_labels)] if self.num_labels > 1 else None
-        self.task = read_task(self.path) or ("rerank" if self.num_labels == 1 else "nli")
+            self._multiplexed = serve.multiplexed(max_num_models_per_replica=cfg.max_models_per_replica)(load)
+        else:
+            self._single = load_model(self.catalog.default, self.catalog.locations[self.catalog.default], cfg)
+            self._loaded[self._single.name] = self._single
 
         self._score_batch.set_max_batch_size(cfg.max_batch_requests)
         self._score_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._counts = dict.fromkeys(_COUNTERS, 0)
-        self._score([_Job(["warm-up"], ["warm-up"])])  # the first, slow forward pass outside any request
-        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._metrics = ModelMetrics()
+        context = serve.get_replica_context()
+        self._replica = context.replica_id.unique_id
+        self._node = ray.get_runtime_context().get_node_id()
+        self._pusher = StatsPusher(context.app_name, self._replica, lambda: self.stats().model_dump())
+
+    def __del__(self):
+        """Serve calls this when it stops the replica (scale-down, redeploy): leave the stats board."""
+        pusher = getattr(self, "_pusher", None)
+        if pusher is not None:
+            pusher.close()
+
+    async def _model(self, name: str) -> LoadedModel:
+        if self._single is not None:
+            return self._single
+        return await self._multiplexed(name)
 
     # -- public methods (also callable through a DeploymentHandle) ---------------------------
     async def rerank(self, request: RerankRequest | dict) -> RerankResponse:
@@ -157,25 +214,25 @@ class CrossEncoderModel:
         import torch
 
         request = coerce(RerankRequest, request)
-        check_rerank(request, self.cfg, self.names, self.name)
-        if self.num_labels != 1:
+        model = await self._model(check_rerank(request, self.cfg, self.catalog))
+        if model.num_labels != 1:
             raise ApiError(
                 400,
                 "wrong_model_kind",
-                f"model: {self.name!r} is a classifier with {self.num_labels} labels; use POST /predict",
+                f"model: {model.name!r} is a classifier with {model.num_labels} labels; use POST /predict",
                 field="model",
             )
         docs = request.documents
-        scored = _raise_failure(await self._score_batch(_Job([request.query] * len(docs), docs)))
+        scored = _raise_failure(await self._score_batch(_Job(model, [request.query] * len(docs), docs)))
         logits = torch.from_numpy(scored.logits)
-        scores = (logits if request.raw_scores else self.activation(logits)).reshape(-1).tolist()
+        scores = (logits if request.raw_scores else model.activation(logits)).reshape(-1).tolist()
         ranked = sorted(range(len(docs)), key=lambda i: scores[i], reverse=True)[: request.top_n]
         return RerankResponse(
             results=[
                 RerankResult(index=i, relevance_score=scores[i], document=docs[i] if request.return_documents else None)
                 for i in ranked
             ],
-            model=self.name,
+            model=model.name,
             usage={"documents": len(docs), "total_tokens": scored.tokens, "truncated_documents": scored.truncated},
         )
 
@@ -184,62 +241,70 @@ class CrossEncoderModel:
         import torch
 
         request = coerce(PredictRequest, request)
-        check_predict(request, self.cfg, self.names, self.name)
-        scored = _raise_failure(await self._score_batch(_Job([p[0] for p in request.pairs], [p[1] for p in request.pairs])))
-        out = self.activation(torch.from_numpy(scored.logits))
-        if self.num_labels == 1:
+        model = await self._model(check_predict(request, self.cfg, self.catalog))
+        pairs = request.pairs
+        scored = _raise_failure(await self._score_batch(_Job(model, [p[0] for p in pairs], [p[1] for p in pairs])))
+        out = model.activation(torch.from_numpy(scored.logits))
+        if model.num_labels == 1:
             results = [PredictResult(score=s) for s in out.reshape(-1).tolist()]
         else:
             probs = torch.softmax(out, dim=1).tolist()
             results = []
             for row in probs:
                 best = max(range(len(row)), key=row.__getitem__)
-                label, probabilities = self.labels[best], dict(zip(self.labels, row))
+                label, probabilities = model.labels[best], dict(zip(model.labels, row))
                 results.append(PredictResult(label=label, label_id=best, score=row[best], probabilities=probabilities))
         return PredictResponse(
             results=results,
-            model=self.name,
-            usage={"pairs": len(request.pairs), "total_tokens": scored.tokens, "truncated_pairs": scored.truncated},
+            model=model.name,
+            usage={"pairs": len(pairs), "total_tokens": scored.tokens, "truncated_pairs": scored.truncated},
         )
 
     def health(self) -> bool:
-        """The replica is up, so the model is loaded (Serve routes only to constructed replicas)."""
+        """The replica is up, so its model is loaded (Serve routes only to constructed replicas)."""
         return True
 
     def check_health(self) -> None:
         """Serve's own replica health check: a replica whose model cannot score a pair is restarted."""
-        if not np.isfinite(self.scorer.score(["health"], ["check"]).logits).all():
-            raise RuntimeError("the model returns non-finite scores")
+        for model in list(self._loaded.values()):
+            if not np.isfinite(model.scorer.score(["health"], ["check"]).logits).all():
+                raise RuntimeError(f"model {model.name!r} returns non-finite scores")
 
-    def info(self) -> InfoResponse:
+    async def info(self, name: str | None = None) -> InfoResponse:
+        """What ``name`` (default: the app's default model) is, and this replica's counters."""
         cfg = self.cfg
+        model = await self._model(name or self.catalog.default)
         return InfoResponse(
-            model=self.name,
-            model_path=self.path,
-            task=self.task,
-            num_labels=self.num_labels,
-            labels=self.labels,
-            max_length=self.max_length,
-            device=self.device,
-            precision=self.precision,
+            model=model.name,
+            model_path=model.path,
+            task=model.task,
+            num_labels=model.num_labels,
+            labels=model.labels,
+            max_length=model.max_length,
+            device=model.device,
+            precision=model.precision,
             limits={
                 "max_documents": cfg.max_documents,
                 "max_pairs": cfg.max_pairs,
                 "max_text_chars": cfg.max_text_chars,
                 "max_batch_size": cfg.max_batch_size,
-                "max_batch_tokens": self.max_batch_tokens,
+                "max_batch_tokens": model.max_batch_tokens,
                 "max_batch_requests": cfg.max_batch_requests,
                 "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+                "max_models_per_replica": cfg.max_models_per_replica if self.catalog.multiplexed else 1,
             },
-            stats=self.stats(),
+            replicas=[self.stats()],
         )
 
     def stats(self) -> ServeStats:
         import torch
 
-        peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
+        peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if self.cfg.num_gpus > 0 else None
         return ServeStats(
-            replica=serve.get_replica_context().replica_id.unique_id,
+            replica=self._replica,
+            node_id=self._node,
+            pid=os.getpid(),
+            models=sorted(self._loaded.keys()),
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             peak_gpu_mb=peak_gpu,
             **self._counts,
@@ -254,20 +319,43 @@ class CrossEncoderModel:
         return score_isolated(self._score, jobs)
 
     def _score(self, jobs: list[_Job]) -> list[_Scored | Exception]:
+        """Score ``jobs`` (each model's jobs together) and update the counters and metrics."""
+        started = time.perf_counter()
+        for job in jobs:
+            self._metrics.queue_wait.observe(started - job.queued_at)
+        by_model: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_model.setdefault(id(job.model), []).append(i)
+        out: list[_Scored | Exception] = [None] * len(jobs)  # type: ignore[list-item]
+        for indices in by_model.values():
+            for i, result in zip(indices, self._score_one_model([jobs[i] for i in indices])):
+                out[i] = result
+        pairs = sum(len(job.firsts) for job in jobs)
+        counts = self._counts
+        counts["batches"] += 1
+        counts["requests"] += len(jobs)
+        counts["pairs"] += pairs
+        counts["max_requests_per_batch"] = max(counts["max_requests_per_batch"], len(jobs))
+        self._metrics.batch_requests.observe(len(jobs))
+        self._metrics.batch_pairs.observe(pairs)
+        self._metrics.forward.observe(time.perf_counter() - started)
+        return out
+
+    def _score_one_model(self, jobs: list[_Job]) -> list[_Scored | Exception]:
+        model = jobs[0].model
         firsts = [text for job in jobs for text in job.firsts]
         seconds = [text for job in jobs for text in job.seconds]
         sizes = [len(job.firsts) for job in jobs]
         owner = np.repeat(np.arange(len(jobs)), sizes)
-        scored = self.scorer.score(firsts, seconds, owner=owner, max_owner_tokens=self.cfg.max_request_tokens)
+        scored = model.scorer.score(firsts, seconds, owner=owner, max_owner_tokens=self.cfg.max_request_tokens)
 
-        counts = self._counts
-        counts["forward_passes"] += scored.forward_passes
-        counts["mixed_forward_passes"] += scored.mixed_forward_passes
-        counts["batches"] += 1
-        counts["requests"] += len(jobs)
-        counts["pairs"] += len(firsts)
-        counts["truncated_pairs"] += int(scored.truncated.sum())
-        counts["max_requests_per_batch"] = max(counts["max_requests_per_batch"], len(jobs))
+        truncated = int(scored.truncated.sum())
+        self._counts["forward_passes"] += scored.forward_passes
+        self._counts["mixed_forward_passes"] += scored.mixed_forward_passes
+        self._counts["truncated_pairs"] += truncated
+        self._metrics.pairs.inc(len(firsts), tags={"model": model.name})
+        if truncated:
+            self._metrics.truncated.inc(truncated, tags={"model": model.name})
         out: list[_Scored | Exception] = []
         start = 0
         for j, size in enumerate(sizes):
@@ -284,7 +372,7 @@ class CrossEncoderModel:
                     )
                 )
             elif not np.isfinite(logits).all():  # never send NaN/inf: a server error for this request only
-                logger.error("non-finite scores for a request of %d pairs (model %s)", size, self.name)
+                logger.error("non-finite scores for a request of %d pairs (model %s)", size, model.name)
                 out.append(RuntimeError("the model returned non-finite scores"))
             else:
                 out.append(_Scored(logits, int(scored.lengths[start:end].sum()), int(scored.truncated[start:end].sum())))
