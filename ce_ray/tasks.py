@@ -73,6 +73,7 @@ def _nli_evaluator_class():
             # For single-label multi-class data, micro F1 is exactly accuracy.
             metrics = {f"{prefix}accuracy": metrics[f"{prefix}f1_micro"], **metrics}
             self.primary_metric = f"{prefix}accuracy"
+            self.store_metrics_in_model_card_data(model, metrics, epoch, steps)  # the model card shows accuracy too
             return metrics
 
     return NLIEvaluator

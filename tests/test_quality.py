@@ -40,6 +40,7 @@ def rerank_job(tiny_model, qa_files, out: Path, *overrides: str):
 
 def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_model, qa_files, tmp_path, ray_session):
     """A random-init tiny cross-encoder cannot beat the real bi-encoder: every output says so."""
+    from huggingface_hub import ModelCard
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import RerankingEvaluator
 
@@ -48,7 +49,9 @@ def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_mo
     from ce_ray.serving import quality_warning
 
     out = tmp_path / "run"
-    outcome = run_training(rerank_job(tiny_model, qa_files, out, "train.max_steps=6", "run.checkpoint_every=3"))
+    # pos_weight 2 = the auto value (2 mined negatives per positive), named so the model card shows a loss option
+    loss = "train.loss={name: BinaryCrossEntropyLoss, pos_weight: 2}"
+    outcome = run_training(rerank_job(tiny_model, qa_files, out, loss, "train.max_steps=6", "run.checkpoint_every=3"))
     summary = json.loads((out / "summary.json").read_text())
 
     # The baseline is the negatives' bi-encoder, zero-shot, on the same eval and test rows.
@@ -74,6 +77,19 @@ def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_mo
     quality = read_model_quality(outcome.final_dir)
     assert quality["verdict"] == verdict and quality["baseline"] == baseline
     assert quality_warning(str(out)) == f"{out}: {verdict['message']}"  # an output_dir resolves to its final/
+
+    # ... and so does its model card, next to the test score and the metrics before and after training.
+    card = ModelCard.load(Path(outcome.final_dir) / "README.md")
+    assert card.data.base_model == Path(tiny_model).name and card.data.pipeline_tag == "text-ranking"
+    assert {"ce-ray", "loss:BinaryCrossEntropyLoss"} <= set(card.data.tags)
+    results = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results[("test", "ndcg@10")] == pytest.approx(summary["metrics_test"]["ndcg@10"])
+    assert "BinaryCrossEntropyLoss(pos_weight=2.0)" in card.text and verdict["message"] in card.text
+    assert f"| train | `{qa_files['train']}`, first 48 rows |" in card.text and f"| test | `{qa_files['dev']}` |" in card.text
+    assert "retriever baseline `sentence-transformers/all-MiniLM-L6-v2` (test)" in card.text
+    # before training, after (eval), after (test), baseline (eval), baseline (test)
+    columns = (summary["metrics_before"], summary["metrics_final"], summary["metrics_test"], baseline["eval"], baseline["test"])
+    assert "| **ndcg@10** | " + " | ".join(f"{m['ndcg@10']:.4f}" for m in columns) + " |" in card.text
 
     # `ce-ray serve` prints it at start-up.
     with socket.socket() as s:

@@ -76,6 +76,24 @@ def test_two_workers_shard_the_data_and_end_with_identical_weights(tiny_model, n
     assert model.predict([("A man sleeps.", "A person rests.")]).shape == (1, 3)
     assert not list(out.glob(".tmp-*"))  # nothing half-written left behind
 
+    # Its model card: sentence-transformers' (filled in by the trainer on rank 0) plus what the run knows.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(final / "README.md")
+    assert card.data.base_model == Path(tiny_model).name and card.data.library_name == "sentence-transformers"
+    assert card.data.pipeline_tag == "text-classification"
+    assert {"ce-ray", "generated_from_trainer", "loss:CrossEntropyLoss", "dataset_size:256"} <= set(card.data.tags)
+    results = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results[("eval", "accuracy")] == pytest.approx(summary["metrics_final"]["accuracy"])  # no test rows: eval only
+    assert card.data.datasets is None  # local files: named in the text, not hub ids
+    text = card.text
+    assert f"| train | `{nli_files['train']}` | 256 |" in text and f"| eval | `{nli_files['dev']}` | 96 |" in text
+    assert "| Batch size | 32 (16 per worker x 2 workers) |" in text and "| Learning rate | 0.001 |" in text
+    assert "| This model | the best checkpoint by eval accuracy, step " in text
+    before, after = summary["metrics_before"]["accuracy"], summary["metrics_final"]["accuracy"]
+    assert f"| **accuracy** | {before:.4f} | {after:.4f} |" in text
+    assert "#### train.parquet" in text and "* Size: 256 training samples" in text  # the trainer's own parts
+
     # Tracked training (run.report_to: tensorboard by default): rank 0 alone wrote one event file, with the
     # loss and learning rate per logging step and the eval metrics, read back with TensorBoard's own reader.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +119,21 @@ def test_nli_search_stops_a_bad_trial_early_and_exports_the_best(tiny_model, tmp
     assert best["baseline"] is None and best["verdict"] is None  # nli has no retriever baseline
     report_md = (out / "report" / "report.md").read_text()
     assert "| refit (" in report_md and "(exported as best/)" in report_md
+
+    # best/'s model card: the training facts of whichever model it is, and a short summary of the search.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "best" / "README.md")
+    assert card.data.base_model == Path(tiny_model).name and {"ce-ray", "ray-tune"} <= set(card.data.tags)
+    results = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results[("test", "accuracy")] == pytest.approx(best["test_score"])
+    text = card.text
+    assert text.count("## Training with ce-ray") == 1 and text.count("## Hyperparameter search") == 1
+    assert "| Trials | 3 (" in text and "| Search | random, scheduler asha |" in text and "| Metric | eval accuracy (max) |" in text
+    assert f"| Best trial | `{best['trial_id']}`: eval accuracy {best['value']:.4f} at step {best['step']} |" in text
+    assert "`train.learning_rate` = 0.01" in text and "`train.loss` = `CrossEntropyLoss`" in text
+    exported = "configuration trained again with `data.train.select: null`" if refit["chosen"] else "the best trial's best checkpoint"
+    assert exported in text
 
     with open(out / "trials.csv") as f:
         table = list(csv.DictReader(f))
@@ -276,4 +292,15 @@ def test_rerank_search_resumes_after_the_driver_is_killed(tiny_model, qa_files, 
         assert (out / "rr-trials" / f"trial-{trial_id}" / "workers" / "rank0.json").read_text() == stats
     best = json.loads((out / "best.json").read_text())
     assert best["metric"] == "eval_ndcg@10" and (out / "best" / "model.safetensors").exists()
+    # without a refit, best/ is the best trial's checkpoint, carded here (not by a training run)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "best" / "README.md")
+    assert card.data.pipeline_tag == "text-ranking" and "ray-tune" in card.data.tags
+    results = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results[("eval", "ndcg@10")] == pytest.approx(best["value"])
+    assert f"| Loss | `{best['loss']}` |" in card.text and "| Trials | 3 (0 stopped early) |" in card.text
+    assert f"| This model | the best checkpoint by eval ndcg@10, step {best['step']} |" in card.text
+    after, baseline = best["trial_quality"]["model"]["eval"]["ndcg@10"], best["baseline"]["eval"]["ndcg@10"]
+    assert re.search(rf"\| \*\*ndcg@10\*\* \| \d\.\d{{4}} \| {after:.4f} \| {baseline:.4f} \|", card.text)  # before | after | retriever
     assert {r["loss"] for r in table} <= {"BinaryCrossEntropyLoss", "MultipleNegativesRankingLoss", "ListNetLoss"}

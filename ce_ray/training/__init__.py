@@ -7,6 +7,7 @@ module             what it holds
 ``recipe``         what each worker runs (the notebook's recipe, sharded) and its arguments
 ``callbacks``      reporting to Ray Train at each save; early stopping decided on rank 0
 ``checkpoint``     which checkpoint becomes ``final/``, staged and published
+``card``           the model card of ``final/`` (and tune's ``best/``): trainer's card data + the run's facts
 ``batching``       length-grouped batches
 ``instrument``     per-worker counters and statistics (rows, timings, memory, checksums)
 =================  =========================================================================

@@ -19,7 +19,8 @@ Features, with the key that controls each:
   plus the latest. With ``run.max_failures`` a failed worker group restarts from the latest
   checkpoint; re-running the same ``run.name`` resumes.
 - Mixed precision (``train.precision``), TF32 on GPU.
-- Outputs: ``<output_dir>/final/`` (a plain CrossEncoder directory, the best checkpoint by default),
+- Outputs: ``<output_dir>/final/`` (a plain CrossEncoder directory, the best checkpoint by default, with a
+  model card: :mod:`ce_ray.training.card`),
   ``<output_dir>/summary.json`` and per-worker statistics in ``<output_dir>/workers/``.
 """
 
@@ -37,11 +38,12 @@ from ce_ray.quality import model_quality, score_baseline
 from ce_ray.runs import check_run_identity
 from ce_ray.runtime import ensure_ray
 from ce_ray.tasks import TASKS, plain_metrics
+from ce_ray.training.card import write_model_card
 from ce_ray.training.checkpoint import best_checkpoint, chosen_checkpoint, staged_model
 from ce_ray.training.instrument import read_worker_stats
 from ce_ray.training.recipe import train_loop_per_worker
 
-__all__ = ["TrainOutcome", "make_trainer", "run_training", "summarize"]
+__all__ = ["TrainOutcome", "hyperparameters", "make_trainer", "run_training", "summarize"]
 
 
 def make_trainer(
@@ -97,6 +99,21 @@ class TrainOutcome:
     result: Any  # ray.train.Result
 
 
+def hyperparameters(job: JobConfig, workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The hyperparameters of a run as ``summary.json`` and the model card give them (precision: what rank 0 used)."""
+    return {
+        "learning_rate": job.train.learning_rate,
+        "batch_size": job.train.batch_size,
+        "per_worker_batch_size": job.train.batch_size // job.scaling.num_workers,
+        "epochs": job.train.epochs,
+        "max_steps": job.train.max_steps,
+        "warmup_ratio": job.train.warmup_ratio,
+        "weight_decay": job.train.weight_decay,
+        "precision": workers[0].get("precision", job.train.precision) if workers else job.train.precision,
+        "seed": job.train.seed,
+    }
+
+
 def summarize(job: JobConfig, result, prepared: PreparedData, workers: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     """The ``summary.json`` of a run: task, loss, hyperparameters, metrics before/after, throughput."""
     metrics = dict(result.metrics or {})
@@ -118,17 +135,7 @@ def summarize(job: JobConfig, result, prepared: PreparedData, workers: list[dict
         "task": job.task,
         "model": job.model.name,
         "loss": job.loss.label(),
-        "hyperparameters": {
-            "learning_rate": job.train.learning_rate,
-            "batch_size": job.train.batch_size,
-            "per_worker_batch_size": job.train.batch_size // job.scaling.num_workers,
-            "epochs": job.train.epochs,
-            "max_steps": job.train.max_steps,
-            "warmup_ratio": job.train.warmup_ratio,
-            "weight_decay": job.train.weight_decay,
-            "precision": workers[0].get("precision", job.train.precision) if workers else job.train.precision,
-            "seed": job.train.seed,
-        },
+        "hyperparameters": hyperparameters(job, workers),
         "primary_metric": task.primary_metric,
         "metrics_before": before,
         "metrics_after": after,
@@ -185,16 +192,25 @@ def run_training(job: JobConfig) -> TrainOutcome:
     )
     result = trainer.fit()
 
-    # [3] Publish the final model (best or last checkpoint, with its test score and the retriever
-    #     baseline inside) and the summary, both atomically.
+    # [3] Publish the final model (best or last checkpoint, with its test score, the retriever
+    #     baseline and the model card inside) and the summary, both atomically.
     workers = read_worker_stats(stats_dir, job.scaling.num_workers)
     summary = summarize(job, result, prepared, workers, time.time() - started)
     checkpoint = chosen_checkpoint(job, result)
-    final_metrics = (
-        summary["best_checkpoint"]["metrics"] if job.run.final == "best" and summary["best_checkpoint"] else summary["metrics_after"]
-    )
+    best = summary["best_checkpoint"] if job.run.final == "best" else None
+    final_metrics = best["metrics"] if best else summary["metrics_after"]
+    final_step = best["step"] if best else (result.metrics or {}).get("step")
     with staged_model(checkpoint) as model_dir:
         quality = model_quality(job, model_dir, final_metrics, prepared.eval, test_split)
+        write_model_card(
+            model_dir,
+            job,
+            quality=quality,
+            metrics_before=summary["metrics_before"],
+            hyperparameters=summary["hyperparameters"],
+            rows={"train": prepared.train.rows, "eval": prepared.eval.rows, "test": test_split and test_split.rows},
+            step=final_step,
+        )
         final_dir = storage.publish_dir(model_dir, storage.join(out, "final"))
     summary["final_model"] = final_dir
     summary["final_checkpoint"] = job.run.final

@@ -27,6 +27,7 @@ from ce_ray.data.prepare import PreparedData, load_prepared
 from ce_ray.modeling import load_cross_encoder, set_pad_multiple
 from ce_ray.tasks import LOSSES, TASKS, build_loss
 from ce_ray.training.callbacks import CHECKPOINT_SUBDIR, EarlyStopping, Reporter
+from ce_ray.training.card import card_data
 from ce_ray.training.instrument import WorkerStats
 
 __all__ = ["native_bf16", "pad_multiple", "resolve_precision", "train_loop_per_worker", "training_arguments"]
@@ -49,13 +50,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # [2] Model: loaded on CPU; the trainer moves it to this worker's device. Seeded first, so a new
     #     head starts the same on every rank and in every run. On CPU, use the cores this worker
-    #     reserved (Ray would otherwise leave torch with one thread).
+    #     reserved (Ray would otherwise leave torch with one thread). The card data (base model, task,
+    #     data name) starts the model card that the trainer fills in.
     set_seed(job.train.seed)
     if not job.scaling.use_gpu:
         import torch
 
         torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
-    model = load_cross_encoder(job.model, job.task, device="cpu")
+    model = load_cross_encoder(job.model, job.task, device="cpu", model_card_data=card_data(job))
     set_pad_multiple(model, pad_multiple(job))
 
     # [3] Data: memory-mapped Arrow files; HF's distributed sampler hands this rank its shard.

@@ -25,8 +25,9 @@ Features, with the key that controls each:
   ``scaling``; fractional ``scaling.gpus_per_worker`` packs several trials on one GPU).
 - Metric/mode from the task (``eval_accuracy``, ``eval_ndcg@10``), overridable.
 - Results in ``run.output_dir``: ``best/`` (model of the best checkpoint of the best trial, or of its
-  refit), ``best.json`` (config, metric, trial id, checkpoint, test score, the retriever baseline and
-  the verdict), ``trials.csv``, ``report/`` (plots, Markdown/HTML).
+  refit, with a model card that adds the search: trials, metric, best hyperparameters), ``best.json``
+  (config, metric, trial id, checkpoint, test score, the retriever baseline and the verdict),
+  ``trials.csv``, ``report/`` (plots, Markdown/HTML).
 - ``tune.refit``: after the search, the best trial's config is trained once more with
   ``tune.refit_set`` applied (by default on all of ``data.train``: search on a slice, train the
   winner on everything) under ``<output_dir>/refit``; it becomes ``best/`` unless it scores lower
@@ -42,6 +43,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +59,9 @@ from ce_ray.runs import check_run_identity
 from ce_ray.runtime import ensure_ray
 from ce_ray.tasks import TASKS, best_by
 from ce_ray.tuning import report
+from ce_ray.training.card import SearchSummary, add_search_summary, write_model_card
 from ce_ray.training.checkpoint import staged_model
+from ce_ray.training.driver import hyperparameters
 from ce_ray.tuning.space import build_searcher, encode, search_space, trial_job, tune_domains, values_in_space
 
 __all__ = ["TuneOutcome", "refit_job", "run_tuning"]
@@ -284,6 +290,50 @@ def _refit(job: JobConfig, best_job: JobConfig, best_trial: dict[str, Any], metr
     }
 
 
+def _write_trial_card(
+    job: JobConfig,
+    trial_job: JobConfig,
+    trial: dict[str, Any],
+    quality: dict[str, Any],
+    model_dir: str,
+    splits: dict[str, PreparedSplit | None],
+) -> None:
+    """The model card of the best trial's staged checkpoint, as ``ce-ray train`` writes it for ``final/``."""
+    from ce_ray.training.instrument import read_worker_stats
+
+    trials_dir = storage.join(job.run.output_dir, f"{job.run.name}-trials")
+    workers = read_worker_stats(_trial_stats_dir(trials_dir, trial["trial_id"]), trial_job.scaling.num_workers)
+    splits = {"train": prepare_split(trial_job, "train"), **splits}  # cached: prepared before the search
+    write_model_card(
+        model_dir,
+        trial_job,
+        quality=quality,
+        metrics_before=trial["metrics_before"],
+        hyperparameters=hyperparameters(trial_job, workers),
+        rows={name: split.rows if split else None for name, split in splits.items()},
+        step=trial["best_step"],
+    )
+
+
+def _search_summary(job: JobConfig, best: dict[str, Any], trial: dict[str, Any]) -> SearchSummary:
+    refit = best.get("refit")
+    return SearchSummary(
+        trials=best["num_trials"],
+        stopped_early=best["trials_stopped_early"],
+        metric=best["metric"],
+        mode=best["mode"],
+        search=job.tune.search,
+        scheduler=job.tune.scheduler,
+        best_trial=best["trial_id"],
+        best_step=best["step"],
+        best_value=best["value"],
+        params=trial["params"],
+        exported=best["exported"],
+        refit_value=refit["eval_value"] if refit else None,
+        refit_set=refit["set"] if refit else None,
+    )
+
+
 def run_tuning(job: JobConfig) -> TuneOutcome:
     """Search hyperparameters for a job and publish the best model (see module docstring).
 
@@ -333,10 +383,16 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
     best["exported"] = "refit" if refit and refit["chosen"] else "trial"
 
     # [4] The exported model: the best trial's best checkpoint, or the refit when it scores at least as
-    #     well on the eval rows. Both carry their test score and the baseline.
-    with staged_model(Checkpoint(best_trial["best_checkpoint"])) as model_dir:
+    #     well on the eval rows. Both carry their test score, the baseline and a model card with the search.
+    with staged_model(Checkpoint(best_trial["best_checkpoint"])) as model_dir, tempfile.TemporaryDirectory() as tmp:
         best["trial_quality"] = model_quality(best_job, model_dir, best_trial["best_metrics"], eval_split, test_split)
-        source = storage.download_dir(refit["final_model"]) if best["exported"] == "refit" else model_dir
+        if best["exported"] == "refit":  # a copy of the refit's final/, whose card its training run wrote
+            source = shutil.copytree(storage.download_dir(refit["final_model"]), os.path.join(tmp, "refit"))
+        else:
+            source = model_dir
+            splits = {"eval": eval_split, "test": test_split}
+            _write_trial_card(job, best_job, best_trial, best["trial_quality"], model_dir, splits)
+        add_search_summary(source, _search_summary(job, best, best_trial))
         best_dir = storage.publish_dir(source, storage.join(out, "best"))
     quality = refit["quality"] if best["exported"] == "refit" else best["trial_quality"]
     best["best_dir"] = best_dir

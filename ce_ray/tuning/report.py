@@ -70,6 +70,7 @@ def trial_rows(results, metric: str, mode: str, space: dict[str, Any]) -> list[d
                 f"best_{metric}": best[metric] if best else None,
                 "best_step": best.get("step") if best else None,
                 "best_metrics": plain_metrics(best) if best else {},
+                "metrics_before": plain_metrics(best, "baseline_") if best else {},
                 "best_checkpoint": best["checkpoint_path"] if best else None,
                 "baseline": last.get("baseline_" + metric[len("eval_") :]) if metric.startswith("eval_") else None,
                 "steps": last.get("step"),
