@@ -543,6 +543,11 @@ class ServeConfig(_Section):
         description="Most model replicas on one node (Serve's own option); 1 puts every replica on its own node. "
         "Default: no limit (Serve spreads replicas over nodes as it can).",
     )
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(
+        "EveryNode",
+        description="Where Serve runs its HTTP proxies (Serve's own option): on every node, only the head, or none "
+        "(handle callers only). A cluster-wide setting, fixed when Serve first starts.",
+    )
     ingress_replicas: int = Field(
         1, ge=1, description="Replicas of the HTTP ingress (it only awaits the model; one per node is plenty)."
     )

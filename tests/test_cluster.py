@@ -436,6 +436,53 @@ def test_cli_submit_with_the_runtime_env_file_then_follow_from_python(cluster, j
 
 
 @pytest.mark.slow
+def test_serve_places_replicas_on_both_nodes_and_requests_reach_both(cluster, shared, tiny_model):
+    """`ce-ray serve` as a job: two model replicas, at most one per node, and requests through the head's
+    proxy are answered by both."""
+    import httpx
+
+    auth = {"address": cluster.address, "token": cluster.token}
+    port = _free_port()
+    job = {
+        "task": "rerank",
+        "serve": {
+            "model": tiny_model, "port": port, "num_replicas": 2, "num_cpus": 0.5, "max_replicas_per_node": 1,
+            "proxy_location": "HeadOnly",  # both nodes share this machine's ports: one proxy
+        },
+    }  # fmt: skip
+    path = shared / "serve.yaml"
+    path.write_text(yaml.safe_dump(job))
+    job_id = ray_jobs.submit(str(path), "serve", runtime_env=_runtime_env(), **auth)
+    url = f"http://127.0.0.1:{port}"
+
+    def job_ended() -> str | None:
+        status = ray_jobs.client(**auth).get_job_status(job_id)
+        return f"the job is {status.value}:\n{cluster.job_logs(job_id)}" if status.is_terminal() else None
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        _wait_for(healthy, 180, "the served app", abort=job_ended)
+        body = {"query": "capital of Germany", "documents": ["Berlin is the capital.", "Bananas are yellow."] * 4}
+
+        def both_answered() -> list[dict] | None:
+            with httpx.Client(timeout=30) as http:
+                assert all(http.post(f"{url}/rerank", json=body).status_code == 200 for _ in range(8))
+            replicas = httpx.get(f"{url}/info", timeout=30).json()["replicas"]
+            return replicas if len(replicas) == 2 and all(r["requests"] > 0 for r in replicas) else None
+
+        replicas = _wait_for(both_answered, 120, "requests answered by both replicas", abort=job_ended)
+        assert sorted(r["node_id"] for r in replicas) == sorted(cluster.node_ids().values())
+    finally:
+        ray_jobs.stop(job_id, **auth)
+        assert ray_jobs.wait(job_id, timeout=60, poll_s=0.5, **auth).is_terminal()
+
+
+@pytest.mark.slow
 def test_two_workers_span_two_nodes_and_survive_losing_one(cluster, job_file, shared):
     auth = {"address": cluster.address, "token": cluster.token}
     out = shared / "fault"

@@ -212,7 +212,7 @@ def start_server(
     # Ray's proxy stops a request 5 s after the app's own deadline (the app answers a JSON 504 first).
     # Idle keep-alive connections close after 5 s (uvicorn's own default; Ray's is 90 s).
     http = {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s + 5, "keep_alive_timeout_s": 5}
-    serve.start(http_options=http)
+    serve.start(http_options=http, proxy_location=cfg.proxy_location)
     target = serve.RunTarget(
         target=application, name=name, route_prefix=cfg.route_prefix, logging_config={"enable_access_log": access_log}
     )
