@@ -196,7 +196,7 @@ def test_metrics_reach_rays_prometheus_endpoint(two):
     wanted = (
         'ray_ce_ray_requests_total{', 'route="/rerank"', 'status="200"', 'status="422"',
         "ray_ce_ray_pairs_total", "ray_ce_ray_batch_requests_bucket", "ray_ce_ray_queue_wait_seconds_bucket",
-        "ray_ce_ray_forward_seconds_bucket", 'ray_ce_ray_request_seconds_bucket{',
+        "ray_ce_ray_forward_seconds_bucket", 'ray_ce_ray_request_seconds_bucket{', "ray_ce_ray_request_pairs_total{",
     )  # fmt: skip
 
     def exported() -> str | None:

@@ -279,7 +279,23 @@ class CrossEncoderAPI:
         return self.model.options(multiplexed_model_id=name) if self.catalog.multiplexed else self.model
 
     async def _call(self, method: str, name: str, request, route: str):
-        """Call ``method`` of model ``name``; anything but an :class:`ApiError` becomes a 503/500 without its text."""
+        """Call ``method`` of model ``name``; anything but an :class:`ApiError` becomes a 503/500 without its text.
+
+        Counts the request's pairs by route and outcome (``ce_ray_request_pairs_total``).
+        """
+        pairs = len(request.documents) if method == "rerank" else len(request.pairs)
+        status = 500
+        try:
+            result = await self._call_model(method, name, request, route)
+            status = 200
+            return result
+        except ApiError as exc:
+            status = exc.status_code
+            raise
+        finally:
+            self.metrics.pairs.inc(pairs, tags={"route": route, "status": str(status)})
+
+    async def _call_model(self, method: str, name: str, request, route: str):
         try:
             call = getattr(self._handle(name), method).remote(request)
             result = await asyncio.wait_for(self._await(call), self.cfg.request_timeout_s)

@@ -7,6 +7,7 @@ port is in ``ray.nodes()`` as ``MetricsExportPort``) with Ray's ``ray_`` prefix,
 =====================================  =========  ========================================================
 ce_ray_requests_total                  counter    HTTP requests by route and status (ingress)
 ce_ray_request_seconds                 histogram  HTTP request latency by route (ingress)
+ce_ray_request_pairs_total             counter    pairs the scoring requests asked for, by route and status
 ce_ray_shed_requests_total             counter    requests refused because the model was busy (503) or past
                                                   the deadline (504), by route and reason (ingress)
 ce_ray_pairs_total                     counter    pairs scored, by model (model replicas)
@@ -37,6 +38,9 @@ def route_label(route: str) -> str:
 class IngressMetrics:
     def __init__(self):
         self.requests = Counter("ce_ray_requests", "HTTP requests by route and status.", tag_keys=("route", "status"))
+        self.pairs = Counter(
+            "ce_ray_request_pairs", "Pairs asked for, by route and status.", tag_keys=("route", "status")
+        )
         self.latency = Histogram("ce_ray_request_seconds", "HTTP request latency.", _SECONDS, tag_keys=("route",))
         self.shed = Counter(
             "ce_ray_shed_requests", "Requests refused: model busy (503) or past the deadline (504).",
