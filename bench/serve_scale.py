@@ -11,6 +11,8 @@ Modes, each on the same requests, through the real server (``--clients`` concurr
   threads) or ``--num-gpus`` GPUs.
 * ``autoscaling 1->2``: ``num_replicas: auto`` (1 to 2, ``target_ongoing_requests`` 4, short delays),
   started with one replica; the load makes Serve add the second. Also prints when it came.
+* ``2 replicas, one killed``: 5 s into the load one replica's process is killed (SIGKILL); prints the
+  requests that did not get a 200 and how long Serve took to have two replicas again.
 
 On a 2-core machine two 1-CPU replicas take both cores, so the HTTP proxy, the ingress and the clients
 compete with them: the 2-replica gain there is bounded well below 2x. Prints one table (pairs/s,
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -71,6 +74,47 @@ def run_scale_up(cfg, requests: list[dict], clients: int) -> dict:
     return row
 
 
+def run_kill(cfg, requests: list[dict], clients: int, after_s: float = 5.0) -> dict:
+    """``run_served`` on two replicas, one of them killed by pid (SIGKILL) ``after_s`` into the load."""
+    import httpx
+
+    url = f"http://127.0.0.1:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    note: dict = {}
+    done = threading.Event()
+
+    def killer() -> None:
+        while not done.is_set():  # wait for the app, then for the load to run a while
+            try:
+                replicas = httpx.get(f"{url}/info", timeout=10).json()["replicas"]
+                if len(replicas) == 2:
+                    break
+            except Exception:
+                pass
+            done.wait(0.2)
+        if done.wait(after_s):
+            return
+        os.kill(replicas[0]["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        while not done.wait(0.2):
+            try:
+                ids = {r["replica"] for r in httpx.get(f"{url}/info", timeout=10).json()["replicas"]}
+                if _running("bench") == 2 and len(ids) == 2 and replicas[0]["replica"] not in ids:
+                    note["recovered_s"] = time.monotonic() - killed
+                    return
+            except Exception:
+                pass
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        row = run_served("2 replicas, one killed", cfg, requests, clients)
+    finally:
+        done.set()
+    recovered = f"replaced after {note['recovered_s']:.1f} s" if "recovered_s" in note else "not replaced during the run"
+    row["batching"] += f"; killed replica {recovered}; {row['errors']} requests not 200"
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="CrossEncoder directory (default: bundled MiniLM, fresh 1-output head)")
@@ -78,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=160)
     parser.add_argument("--docs", type=int, default=20)
-    parser.add_argument("--modes", default="1,2,auto", help="comma list of 1, 2, auto")
+    parser.add_argument("--modes", default="1,2,auto,kill", help="comma list of 1, 2, auto, kill")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs (torch threads) per replica")
     parser.add_argument("--num-gpus", type=float, default=0.5, help="GPUs per replica with --device cuda")
@@ -112,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
                 upscale_delay_s=1, downscale_delay_s=600, look_back_period_s=2,
             )  # fmt: skip
             rows.append({**run_scale_up(cfg, requests, args.clients), "key": "auto"})
+        elif mode == "kill":
+            rows.append({**run_kill(ServeConfig(**base, num_replicas=2), requests, args.clients), "key": "kill"})
     import ray
     from ray import serve
 
