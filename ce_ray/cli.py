@@ -2,7 +2,8 @@
 
 Examples::
 
-    ce-ray train jobs/nli_train.yaml
+    ce-ray train jobs/nli_train.yaml           # Ray's and the workers' logs: runs/nli/logs/console.log
+    ce-ray train jobs/nli_train.yaml -v        # ... printed here as well
     ce-ray train jobs/rerank_train.yaml --set scaling.num_workers=4 --set scaling.use_gpu=true
     ce-ray tune jobs/rerank_tune.yaml --set tune.num_samples=32
     ce-ray evaluate --model runs/nli/final --task nli --data some/test.parquet
@@ -23,11 +24,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from ce_ray import console
 from ce_ray.config import ConfigError, JobConfig, describe_keys, load_job
 
 __all__ = ["main"]
 
 EPILOG = __doc__.split("Examples::", 1)[1]
+VERBOSE_HELP = (
+    "train/tune/demo: print Ray's, Hugging Face's and the workers' output here instead of only into "
+    "<run.output_dir>/logs/console.log; -vv: debug logging as well"
+)
 
 
 def _add_job_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -50,70 +56,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from ce_ray.training import run_training
 
     job = load_job(args.job, [*args.overrides, *(["run.restart=true"] if args.restart else [])])
-    outcome = run_training(job)
-    s = outcome.summary
-    print(_train_report(s))
-    print(f"final model: {outcome.final_dir}\nsummary:     {outcome.summary_path}")
+    with console.session(f"train {args.job}", job.run.output_dir, verbose=args.verbose > 0):
+        outcome = run_training(job)
+        console.say(console.train_summary(outcome.summary))
+        console.say(f"summary:     {outcome.summary_path}")
     return 0
-
-
-def _train_report(s: dict) -> str:
-    metric = s["primary_metric"]
-    before, after = s["metrics_before"].get(metric), s["metrics_after"].get(metric)
-    lines = [
-        f"task {s['task']}  loss {s['loss']}  precision {s['hyperparameters']['precision']}  "
-        f"world size {s['world_size']}  steps/worker {s['steps_per_worker']}",
-        f"{metric}: {before:.4f} -> {after:.4f}" if before is not None and after is not None else f"{metric}: {after}",
-    ]
-    if s.get("early_stopped_at_step"):
-        lines.append(f"early stopping at step {s['early_stopped_at_step']} (train.early_stopping_patience)")
-    final = (s.get("metrics_final") or {}).get(metric)
-    if final is not None:
-        step = (s.get("best_checkpoint") or {}).get("step") if s.get("final_checkpoint") == "best" else None
-        lines.append(f"final/ = {s.get('final_checkpoint')} checkpoint" + (f" (step {step})" if step is not None else "") + f": eval {metric} {final:.4f}")
-    if s.get("metrics_test"):
-        lines.append(f"test {metric}: {s['metrics_test'].get(metric, float('nan')):.4f} ({s['test_rows']} rows)")
-    lines += _baseline_lines(s.get("baseline"), s.get("verdict"), metric)
-    if s.get("train_samples_per_second"):
-        lines.append(f"train samples/s {s['train_samples_per_second']:.1f}  wall {s['wall_time_s']:.0f}s")
-    return "\n".join(lines)
-
-
-def _baseline_lines(baseline: dict | None, verdict: dict | None, metric: str) -> list[str]:
-    if not baseline:
-        return []
-    scores = "  ".join(f"{split} {metric} {m[metric]:.4f}" for split in ("eval", "test") if (m := baseline.get(split)))
-    lines = [f"retriever baseline ({baseline['model']}, zero-shot cosine): {scores}"]
-    if verdict:
-        lines.append(verdict["message"])
-    return lines
-
-
-def _tune_report(best: dict) -> str:
-    metric = best["metric"].removeprefix("eval_")
-    lines = [
-        f"{best['num_trials']} trials ({best['trials_stopped_early']} stopped early); best trial {best['trial_id']}: "
-        f"{best['loss']} {json.dumps(best['params'])}: eval {metric} {best['value']:.4f}"
-    ]
-    if best.get("refit"):
-        r = best["refit"]
-        lines.append(
-            f"refit on {r['train_rows']} training rows ({json.dumps(r['set'])}): eval {metric} {r['eval_value']:.4f} -> "
-            f"{'exported' if r['chosen'] else 'not exported (worse than the trial on the eval rows)'}"
-        )
-    if best.get("test_score") is not None:
-        lines.append(f"best/ ({best['exported']}): test {metric} {best['test_score']:.4f}")
-    lines += _baseline_lines(best.get("baseline"), best.get("verdict"), metric)
-    lines.append(f"best model: {best['best_dir']}  (report: {best.get('report_dir', '')})")
-    return "\n".join(lines)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from ce_ray.tuning import run_tuning
 
     job = load_job(args.job, [*args.overrides, *(["run.restart=true"] if args.restart else [])])
-    outcome = run_tuning(job)
-    print(_tune_report({**outcome.best, "report_dir": outcome.report_dir}))
+    with console.session(f"tune {args.job}", job.run.output_dir, verbose=args.verbose > 0):
+        outcome = run_tuning(job)
+        console.say(console.tune_summary({**outcome.best, "report_dir": outcome.report_dir}))
     return 0
 
 
@@ -225,7 +181,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ce_ray.demo import run_demo
 
-    run_demo(args.output_dir, quick=args.quick, serve=not args.no_serve, tune=not args.no_tune)
+    with console.session("demo", args.output_dir, verbose=args.verbose > 0):
+        run_demo(args.output_dir, quick=args.quick, serve=not args.no_serve, tune=not args.no_tune)
     return 0
 
 
@@ -236,12 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:" + EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
+        # also after the subcommand (ce-ray train JOB -v); SUPPRESS keeps a -v given before it
+        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         return p
 
     for name, func, help_text in (
@@ -301,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose > 1 else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -24,7 +24,7 @@ import logging
 import os
 from typing import Any
 
-from ce_ray import storage
+from ce_ray import console, storage
 from ce_ray.config import JobConfig
 from ce_ray.data.prepare import PreparedSplit, cache_root, fingerprint, load_prepared, load_split
 from ce_ray.modeling import load_for_inference
@@ -123,7 +123,7 @@ def score_baseline(job: JobConfig, eval_split: PreparedSplit, test_split: Prepar
     for split_name, split in (("eval", eval_split), ("test", test_split)):
         metrics = baseline_metrics(job, split)
         if metrics is not None:
-            print(f"retriever baseline ({job.baseline_model}, zero-shot cosine) on {split_name}: {metric} {metrics[metric]:.4f}", flush=True)
+            console.say(f"retriever baseline ({job.baseline_model}, zero-shot cosine) on {split_name}: {metric} {metrics[metric]:.4f}")
 
 
 def model_quality(

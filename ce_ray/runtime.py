@@ -39,6 +39,9 @@ def ensure_ray() -> None:
     Inside ``ray job submit`` (or with ``RAY_ADDRESS`` set) this joins that cluster and the job's
     runtime environment applies. Otherwise it starts a local Ray on this machine (token auth on,
     as Ray sets it up) and passes the Hugging Face offline/cache settings on to the workers.
+
+    ``log_to_driver``: the workers' output, from every node, comes to this process; inside a
+    :func:`ce_ray.console.session` it goes where stdout/stderr point, the run's log file.
     """
     import ray
 

@@ -21,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from ce_ray import storage
+from ce_ray import console, storage
 from ce_ray.config import JobConfig, load_job
 
 __all__ = ["DemoError", "run_demo"]
@@ -56,7 +56,7 @@ def _job(name: str, output_dir: Path, data: dict[str, str], overrides: list[str]
 
 
 def _line(text: str = "") -> None:
-    print(text, flush=True)
+    console.say(text)
 
 
 def _metrics(summary: dict, keys: list[str]) -> str:
@@ -109,7 +109,7 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
 
     # [2] NLI
     quick_steps = ["train.max_steps=20"] if quick else []
-    nli = run_training(_job("demo_nli.yaml", out, data, quick_steps)).summary
+    nli = run_training(_job("demo_nli.yaml", out, data, quick_steps), label="[2/5] nli").summary
     results["nli"] = nli
     _line(
         f"[2/5] NLI: {nli['world_size']} workers x {nli['steps_per_worker'][0]} steps, "
@@ -117,7 +117,7 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
     )
 
     # [3] reranker
-    rerank = run_training(_job("demo_rerank.yaml", out, data, quick_steps)).summary
+    rerank = run_training(_job("demo_rerank.yaml", out, data, quick_steps), label="[3/5] rerank").summary
     results["rerank"] = rerank
     _line(
         f"[3/5] reranker ({rerank['loss']}, {rerank['train_rows']} training pairs with hard negatives): "

@@ -1,17 +1,18 @@
-"""Trainer callbacks that wire ``CrossEncoderTrainer`` to Ray Train: reporting and early stopping."""
+"""Trainer callbacks that wire ``CrossEncoderTrainer`` to Ray Train: reporting, early stopping, progress for the console."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import ray.train
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
 
-__all__ = ["CHECKPOINT_SUBDIR", "EarlyStopping", "Reporter"]
+__all__ = ["CHECKPOINT_SUBDIR", "EarlyStopping", "Progress", "Reporter"]
 
 CHECKPOINT_SUBDIR = RayTrainReportCallback.CHECKPOINT_NAME  # "checkpoint"
 
@@ -81,3 +82,55 @@ class EarlyStopping(TrainerCallback):
         if decision[0]:
             control.should_training_stop = True
             self.stopped_at = state.global_step
+
+
+class Progress(TrainerCallback):
+    """Rank 0's progress for the driver's console: events on a ``ray.util.queue.Queue`` (see
+    :class:`ce_ray.console.TrainProgress` for their fields).
+
+    Sent at the start and end of training, at every logging step (loss, learning rate), every
+    evaluation (the metrics) and otherwise at most every ``every_s`` seconds, so a long step costs
+    one small actor call at most. ``samples`` and ``train_s`` count this attempt's rows and the
+    seconds spent in training steps alone (evaluation and checkpoints excluded).
+    """
+
+    def __init__(self, queue, world_size: int, every_s: float = 1.0):
+        self.queue, self.world_size, self.every_s = queue, world_size, every_s
+        self._first_step = 0
+        self._train_s = 0.0
+        self._step_started: float | None = None
+        self._sent = float("-inf")
+
+    def _send(self, kind: str, args, state, **fields) -> None:
+        samples = (state.global_step - self._first_step) * args.per_device_train_batch_size * self.world_size
+        now = time.time()
+        self._sent = now
+        self.queue.put_nowait(
+            {"kind": kind, "step": state.global_step, "max_steps": state.max_steps, "t": now,
+             "samples": samples, "train_s": self._train_s, **fields}
+        )  # fmt: skip
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._first_step = state.global_step
+        self._send("start", args, state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._step_started is not None:
+            self._train_s += time.perf_counter() - self._step_started
+            self._step_started = None
+        if time.time() - self._sent >= self.every_s:
+            self._send("step", args, state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            lr = logs.get("learning_rate")
+            self._send("log", args, state, loss=float(logs["loss"]), learning_rate=float(lr) if lr is not None else None)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self._send("eval", args, state, metrics={k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._send("end", args, state)

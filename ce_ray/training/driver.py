@@ -26,11 +26,12 @@ Features, with the key that controls each:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from ce_ray import storage
+from ce_ray import console, storage
 from ce_ray.config import JobConfig
 from ce_ray.data.prepare import PreparedData, prepare_data, prepare_split
 from ce_ray.modeling import check_model
@@ -55,8 +56,10 @@ def make_trainer(
     stats_dir: str,
     log_dir: str | None = None,
     callbacks: list | None = None,
+    progress=None,
 ):
-    """The ``TorchTrainer`` for one run (used by :func:`run_training` and by each tune trial)."""
+    """The ``TorchTrainer`` for one run (used by :func:`run_training` and by each tune trial); ``progress``: the
+    queue of a :class:`ce_ray.console.TrainProgress` that rank 0 reports to."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -67,7 +70,13 @@ def make_trainer(
     task = TASKS[job.task]
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.to_dict(), "data": prepared.to_dict(), "stats_dir": stats_dir, "log_dir": log_dir},
+        train_loop_config={
+            "job": job.to_dict(),
+            "data": prepared.to_dict(),
+            "stats_dir": stats_dir,
+            "log_dir": log_dir,
+            "progress": progress,
+        },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
@@ -162,8 +171,10 @@ def summarize(job: JobConfig, result, prepared: PreparedData, workers: list[dict
     }
 
 
-def run_training(job: JobConfig) -> TrainOutcome:
+def run_training(job: JobConfig, label: str = "train") -> TrainOutcome:
     """Train one job end to end: prepare data, fit on Ray, publish ``final/`` and ``summary.json``.
+
+    In a :func:`ce_ray.console.session` rank 0's progress shows as a live line headed ``label``.
 
     Raises:
         ConfigError / DataError: before Ray starts, for a bad config or bad rows.
@@ -180,17 +191,30 @@ def run_training(job: JobConfig) -> TrainOutcome:
         storage.delete_dir(run_dir)
     check_run_identity(job, "train", started=storage.exists(run_dir))
     check_model(job.model)
+    console.say(f"{label}: checking and preparing the data")
     prepared = prepare_data(job)
     test_split = prepare_split(job, "test") if job.data.test is not None else None
+    console.say(
+        f"{label}: {prepared.train.rows} training rows, {prepared.eval.rows} eval rows"
+        + (f", {test_split.rows} test rows" if test_split is not None else "")
+    )
     score_baseline(job, prepared.eval, test_split)
 
-    # [2] Fit on Ray.
+    # [2] Fit on Ray; rank 0's progress on the console.
     ensure_ray()
     stats_dir = storage.join(out, "workers")
-    trainer = make_trainer(
-        job, prepared, name=job.run.name, storage_path=out, stats_dir=stats_dir, log_dir=storage.join(out, "tensorboard")
+    s = job.scaling
+    console.say(
+        f"{label}: {s.num_workers} worker(s) on {'GPU' if s.use_gpu else 'CPU'}, batch {job.train.batch_size} "
+        f"({job.train.batch_size // s.num_workers} per worker), eval every {job.run.checkpoint_every} steps"
     )
-    result = trainer.fit()
+    progress = console.train_progress(TASKS[job.task].tune_metric, label)
+    with progress or contextlib.nullcontext():
+        trainer = make_trainer(
+            job, prepared, name=job.run.name, storage_path=out, stats_dir=stats_dir,
+            log_dir=storage.join(out, "tensorboard"), progress=progress.queue if progress else None,
+        )  # fmt: skip
+        result = trainer.fit()
 
     # [3] Publish the final model (best or last checkpoint, with its test score, the retriever
     #     baseline and the model card inside) and the summary, both atomically.

@@ -26,7 +26,7 @@ from ce_ray.config import JobConfig, job_from_dict
 from ce_ray.data.prepare import PreparedData, load_prepared
 from ce_ray.modeling import load_cross_encoder, set_pad_multiple
 from ce_ray.tasks import LOSSES, TASKS, build_loss
-from ce_ray.training.callbacks import CHECKPOINT_SUBDIR, EarlyStopping, Reporter
+from ce_ray.training.callbacks import CHECKPOINT_SUBDIR, EarlyStopping, Progress, Reporter
 from ce_ray.training.card import card_data
 from ce_ray.training.instrument import WorkerStats
 
@@ -35,7 +35,8 @@ __all__ = ["native_bf16", "pad_multiple", "resolve_precision", "train_loop_per_w
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs. ``config``: ``job`` (dict), ``data`` (PreparedData dict), ``stats_dir``,
-    ``log_dir`` (where rank 0 publishes its TensorBoard events, or None)."""
+    ``log_dir`` (where rank 0 publishes its TensorBoard events, or None), ``progress`` (a ``ray.util.queue.Queue``
+    rank 0 sends its progress to for the driver's console, or None)."""
     from ray.train.huggingface.transformers import prepare_trainer
     from sentence_transformers.cross_encoder import CrossEncoderTrainer
     from transformers import set_seed
@@ -77,6 +78,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # [6] Trainer, wired to Ray Train.
     callbacks: list = [Reporter(rank, world_size)]
+    if rank == 0 and config.get("progress") is not None:
+        callbacks.append(Progress(config["progress"], world_size))
     stopper = None
     if job.train.early_stopping_patience:
         stopper = EarlyStopping(task.tune_metric, task.mode, job.train.early_stopping_patience)

@@ -41,6 +41,7 @@ Features, with the key that controls each:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -50,7 +51,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ce_ray import storage
+from ce_ray import console, storage
 from ce_ray.config import ConfigError, JobConfig, apply_override, job_from_dict
 from ce_ray.data.prepare import PreparedSplit, check_batch_fits, prepare_split
 from ce_ray.modeling import check_model
@@ -197,7 +198,7 @@ def _tuner(job: JobConfig, space: dict[str, Any], metric: str, mode: str):
     )
     experiment = storage.join(out, job.run.name)
     if tune.Tuner.can_restore(experiment):
-        logger.info("resuming tune experiment %s (finished trials are kept)", experiment)
+        console.say(f"tune: resuming the experiment {experiment} (finished trials are kept)")
         return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
 
     scheduler = FIFOScheduler()
@@ -215,6 +216,15 @@ def _tuner(job: JobConfig, space: dict[str, Any], metric: str, mode: str):
         return read_worker_stats(_trial_stats_dir(trials_dir, trial.trial_id), world_size)
 
     callbacks: list = [ReleaseWorkerGroups(worker_stats)]
+    if console.active() is not None:
+        from ce_ray.tuning.progress import ConsoleProgress
+
+        callbacks.append(ConsoleProgress(job.tune.num_samples, metric, mode, space))
+    console.say(
+        f"tune: {job.tune.num_samples} trials, up to {concurrency} at a time, {job.tune.search} search"
+        + (", ASHA stops weak trials early" if job.tune.scheduler == "asha" else "")
+        + f"; metric {metric} ({mode})"
+    )
     if job.tune.mlflow_uri:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
@@ -271,7 +281,8 @@ def _refit(job: JobConfig, best_job: JobConfig, best_trial: dict[str, Any], metr
     from ce_ray.training import run_training
 
     started = time.time()
-    outcome = run_training(refit_job(job, best_job))
+    console.say(f"refit: training the best trial's config again with {json.dumps(job.tune.refit_set)}")
+    outcome = run_training(refit_job(job, best_job), label="refit")
     plain = metric.removeprefix("eval_")
     refit_value = outcome.summary["metrics_final"].get(plain)
     trial_value = best_trial[f"best_{metric}"]
