@@ -156,6 +156,21 @@ def test_cli_rejects_a_bad_config_fast_with_one_line_and_no_ray(tmp_path):
     assert time.time() - started < 60
 
 
+def test_cli_a_bad_data_path_found_during_the_run_prints_in_full_on_the_console(tmp_path):
+    """Found after the console session began (stdout and stderr point at the run's log): still on the terminal."""
+    import pandas as pd
+
+    pd.DataFrame({"premise": ["a"], "hypothesis": ["b"], "label": [0]}).to_parquet(tmp_path / "dev.parquet")
+    job = tmp_path / "job.yaml"
+    job.write_text(f"task: nli\ndata: {{train: {tmp_path / 'missing.parquet'}, eval: {tmp_path / 'dev.parquet'}}}\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "ce_ray.cli", "train", str(job), "--set", f"run.output_dir={out}"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: data.train: file not found: {tmp_path / 'missing.parquet'}"]
+    assert proc.stdout.splitlines()[0].startswith(f"ce-ray train {job}  (Ray, Hugging Face and worker logs: {out}/logs/console.log;")
+
+
 def test_optuna_models_results_after_a_third_of_a_small_search():
     """Optuna's own default (10 random trials first) would make an 8-trial search random search."""
     from ce_ray.tuning.space import build_searcher, startup_trials

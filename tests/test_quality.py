@@ -18,28 +18,45 @@ from ce_ray.training.recipe import resolve_precision
 
 
 def rerank_job(tiny_model, qa_files, out: Path, *overrides: str):
-    return load_job(
-        None,
-        [
-            "task=rerank",
-            f"model.name={tiny_model}",
-            "model.max_length=128",
-            f"data.train={{path: {qa_files['train']}, columns: {{query: question, positive: answer}}, select: 48}}",
-            f"data.eval={qa_files['dev']}",
-            f"data.test={qa_files['dev']}",
-            "data.negatives.num=2",
-            "train.batch_size=8",
-            "train.learning_rate=1e-3",
-            "train.precision=fp32",
-            f"run.output_dir={out}",
-            "run.name=q",
-            *overrides,
-        ],
-    )
+    return load_job(None, rerank_overrides(tiny_model, qa_files, out, *overrides))
 
 
-def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_model, qa_files, tmp_path, ray_session):
-    """A random-init tiny cross-encoder cannot beat the real bi-encoder: every output says so."""
+def rerank_overrides(tiny_model, qa_files, out: Path, *overrides: str) -> list[str]:
+    return [
+        "task=rerank",
+        f"model.name={tiny_model}",
+        "model.max_length=128",
+        f"data.train={{path: {qa_files['train']}, columns: {{query: question, positive: answer}}, select: 48}}",
+        f"data.eval={qa_files['dev']}",
+        f"data.test={qa_files['dev']}",
+        "data.negatives.num=2",
+        "train.batch_size=8",
+        "train.learning_rate=1e-3",
+        "train.precision=fp32",
+        f"run.output_dir={out}",
+        "run.name=q",
+        *overrides,
+    ]
+
+
+def cli_train(tmp_path: Path, overrides: list[str], *flags: str) -> subprocess.CompletedProcess:
+    """``ce-ray train`` on a job given as --set overrides, as a user runs it."""
+    job = tmp_path / "job.yaml"
+    job.write_text("task: rerank\n")
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    return subprocess.run([sys.executable, "-m", "ce_ray.cli", "train", str(job), *sets, *flags],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+
+
+# What Ray, Hugging Face and tqdm print (on the console before ce-ray kept it for its own lines)
+NOISE = ("Started a local Ray instance", "RayTrainWorker", "TrainController", " INFO ", "it/s]", "Loading weights", "{'loss'")
+
+
+def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_model, qa_files, tmp_path):
+    """A random-init tiny cross-encoder cannot beat the real bi-encoder: every output says so.
+
+    The runs are ``ce-ray train`` commands, so they also check what the console shows (ce-ray's progress
+    and summary; Ray's, HF's and tqdm's output in the run's log unless --verbose)."""
     from huggingface_hub import ModelCard
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import RerankingEvaluator
@@ -51,8 +68,10 @@ def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_mo
     out = tmp_path / "run"
     # pos_weight 2 = the auto value (2 mined negatives per positive), named so the model card shows a loss option
     loss = "train.loss={name: BinaryCrossEntropyLoss, pos_weight: 2}"
-    outcome = run_training(rerank_job(tiny_model, qa_files, out, loss, "train.max_steps=6", "run.checkpoint_every=3"))
+    train = cli_train(tmp_path, rerank_overrides(tiny_model, qa_files, out, loss, "train.max_steps=6", "run.checkpoint_every=3"))
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
+    final_dir = str(out / "final")
 
     # The baseline is the negatives' bi-encoder, zero-shot, on the same eval and test rows.
     import pandas as pd
@@ -74,12 +93,12 @@ def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_mo
     assert verdict["beats"] is False and verdict["message"].startswith("WARNING: the reranker is worse than the retriever baseline")
 
     # final/ carries the same comparison, so a server can warn from the model alone.
-    quality = read_model_quality(outcome.final_dir)
+    quality = read_model_quality(final_dir)
     assert quality["verdict"] == verdict and quality["baseline"] == baseline
     assert quality_warning(str(out)) == f"{out}: {verdict['message']}"  # an output_dir resolves to its final/
 
     # ... and so does its model card, next to the test score and the metrics before and after training.
-    card = ModelCard.load(Path(outcome.final_dir) / "README.md")
+    card = ModelCard.load(Path(final_dir) / "README.md")
     assert card.data.base_model == Path(tiny_model).name and card.data.pipeline_tag == "text-ranking"
     assert {"ce-ray", "loss:BinaryCrossEntropyLoss"} <= set(card.data.tags)
     results = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
@@ -96,7 +115,7 @@ def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_mo
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ce_ray.cli", "serve", "--model", outcome.final_dir, "--port", str(port)],
+        [sys.executable, "-m", "ce_ray.cli", "serve", "--model", final_dir, "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
@@ -105,12 +124,33 @@ def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_mo
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert lines[-1].strip() == f"{outcome.final_dir}: {verdict['message']}", lines
+    assert lines[-1].strip() == f"{final_dir}: {verdict['message']}", lines
 
-    # eval.baseline: none turns it off.
-    off = run_training(rerank_job(tiny_model, qa_files, tmp_path / "off", "train.max_steps=3", "run.checkpoint_every=3", "eval.baseline=none"))
-    assert off.summary["baseline"] is None and off.summary["verdict"] is None
-    assert quality_warning(off.final_dir) is None
+    # `ce-ray train` printed its own progress and summary; Ray's, HF's and tqdm's output went to the run's log.
+    log = out / "logs" / "console.log"
+    console = train.stdout.splitlines()
+    assert console[0].startswith("ce-ray train ") and f"worker logs: {log};" in console[0]
+    assert "retriever baseline (bundled:all-MiniLM-L6-v2, zero-shot cosine) on eval: ndcg@10 " in train.stdout
+    assert any(line.startswith("train: eval at step 0/6: ndcg@10 ") for line in console), console
+    assert any(line.startswith("train: eval at step 6/6: ndcg@10 ") for line in console), console
+    assert any(line.startswith("train: step 6/6 100%  loss ") and "samples/s  done in " in line for line in console), console
+    assert f"test ndcg@10: {summary['metrics_test']['ndcg@10']:.4f} (24 rows)" in console
+    assert verdict["message"] in console and f"final model: {final_dir}" in console
+    assert not [line for line in train.stdout.splitlines() + train.stderr.splitlines() if any(n in line for n in NOISE)]
+    assert train.stderr == ""
+    logged = log.read_text()
+    assert all(n in logged for n in NOISE), logged[-3000:]
+
+    # eval.baseline: none turns it off. With --verbose the console has everything, as before.
+    off_out = tmp_path / "off"
+    verbose = cli_train(tmp_path, rerank_overrides(tiny_model, qa_files, off_out, "train.max_steps=3", "run.checkpoint_every=3", "eval.baseline=none"), "--verbose")
+    assert verbose.returncode == 0, verbose.stdout[-3000:] + verbose.stderr[-3000:]
+    off = json.loads((off_out / "summary.json").read_text())
+    assert off["baseline"] is None and off["verdict"] is None
+    assert quality_warning(str(off_out / "final")) is None
+    assert "Started a local Ray instance" in verbose.stderr and "RayTrainWorker" in verbose.stdout + verbose.stderr
+    assert f"final model: {off_out / 'final'}" in verbose.stdout.splitlines()
+    assert not (off_out / "logs").exists()
 
 
 def _lines_until(stream, needle: str, timeout_s: float) -> list[str]:

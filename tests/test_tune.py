@@ -304,3 +304,15 @@ def test_rerank_search_resumes_after_the_driver_is_killed(tiny_model, qa_files, 
     after, baseline = best["trial_quality"]["model"]["eval"]["ndcg@10"], best["baseline"]["eval"]["ndcg@10"]
     assert re.search(rf"\| \*\*ndcg@10\*\* \| \d\.\d{{4}} \| {after:.4f} \| {baseline:.4f} \|", card.text)  # before | after | retriever
     assert {r["loss"] for r in table} <= {"BinaryCrossEntropyLoss", "MultipleNegativesRankingLoss", "ListNetLoss"}
+
+    # The console had ce-ray's lines (a line per trial it ran, the summary), not Tune's tables or Ray's logs:
+    # those are in the run's log. The resumed search found the console through the callback Tune restored.
+    console = second.stdout.splitlines()
+    assert console[0].startswith("ce-ray tune ") and f"{out / 'logs' / 'console.log'};" in console[0], console
+    assert any(line.startswith("tune: resuming the experiment") for line in console), console
+    ran = [line for line in console if line.startswith("trial ") and " finished at step 12/12: " in line]
+    assert len(ran) == 3 - len(finished), console
+    assert any(line.startswith(f"best model: {out / 'best'}") for line in console), console
+    noise = ("Started a local Ray instance", "Trial status", "RayTrainWorker", "TrainController")
+    assert not any(n in second.stdout + second.stderr for n in noise), second.stdout[-3000:] + second.stderr[-3000:]
+    assert all(n in (out / "logs" / "console.log").read_text() for n in noise)

@@ -1,0 +1,131 @@
+"""What ce-ray prints: its own lines on the terminal, everything else in the run's log, errors in full.
+
+The end-to-end checks (a real ``ce-ray train`` with Ray workers) are in tests/test_quality.py and, for
+``ce-ray tune``, tests/test_tune.py; these check the pieces without Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+
+from ce_ray.console import Console, TrainProgress, TuneBoard, log_path
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def events(t0: float = 1000.0) -> list[dict]:
+    """What rank 0 sends for a 20-step run (global batch 32), evaluating at steps 0 and 10."""
+    base = {"max_steps": 20}
+    return [
+        {**base, "kind": "start", "step": 0, "t": t0, "samples": 0, "train_s": 0.0},
+        {**base, "kind": "eval", "step": 0, "t": t0 + 5, "metrics": {"eval_ndcg@10": 0.2178, "eval_mrr@10": 0.16}},
+        {**base, "kind": "log", "step": 10, "t": t0 + 25, "samples": 320, "train_s": 16.0, "loss": 1.0441, "learning_rate": 1.2e-5},
+        {**base, "kind": "eval", "step": 10, "t": t0 + 30, "metrics": {"eval_ndcg@10": 0.2798}},
+        {**base, "kind": "step", "step": 15, "t": t0 + 33, "samples": 480, "train_s": 24.0},
+    ]
+
+
+def test_the_live_line_has_step_loss_lr_metric_samples_per_second_and_eta():
+    terminal = Terminal()
+    progress = TrainProgress(Console(terminal, terminal, verbose=False), "eval_ndcg@10")
+    for event in events():
+        progress.show(event)
+    # 15 of 20 steps in 33 s of rank 0's clock (evaluations included): 5 more take 11 s
+    assert progress.text() == "train: step 15/20 75%  loss 1.0441  lr 1.20e-05  ndcg@10 0.2798  20.0 samples/s  ETA 0:11"
+    shown = terminal.getvalue()
+    # on a terminal the line is redrawn in place; evaluations are lines of their own above it
+    assert shown.endswith("\r\x1b[2K" + progress.text())
+    lines = shown.replace("\r\x1b[2K", "\n").split("\n")
+    assert "train: eval at step 0/20: ndcg@10 0.2178" in lines
+    assert "train: eval at step 10/20: ndcg@10 0.2798 (start 0.2178)" in lines
+
+    progress.show({"max_steps": 20, "kind": "end", "step": 20, "t": 1050.0, "samples": 640, "train_s": 32.0})
+    assert progress.text().endswith("20.0 samples/s  done in 0:50")
+
+
+def test_without_a_terminal_progress_is_plain_lines_at_each_evaluation_and_every_few_seconds():
+    plain = io.StringIO()
+    progress = TrainProgress(Console(plain, plain, verbose=False), "eval_accuracy", label="[2/5] nli")
+    renamed = [{**e, "metrics": {"eval_accuracy": v for v in e["metrics"].values()}} if e["kind"] == "eval" else e for e in events()]
+    for event in renamed:
+        progress.show(event)
+    lines = plain.getvalue().splitlines()
+    assert "\r" not in plain.getvalue()
+    assert lines[0] == "[2/5] nli: step 0/20 0%"
+    assert lines[1].startswith("[2/5] nli: eval at step 0/20: accuracy")
+    assert lines[2].startswith("[2/5] nli: step 10/20 50%  loss 1.0441")  # 25 s after the last progress line
+    assert lines[3].startswith("[2/5] nli: eval at step 10/20")
+    assert len(lines) == 4  # step 15 came 8 s after the last progress line (PLAIN_EVERY_S: 10 s)
+
+
+def test_the_search_prints_a_line_per_trial_and_the_best_so_far():
+    plain = io.StringIO()
+    board = TuneBoard(Console(plain, plain, verbose=False), total=3, metric="eval_ndcg@10", mode="max")
+    board.result("a", {"eval_ndcg@10": 0.5, "step": 6, "max_steps": 12}, done=0, running=2)
+    board.result("b", {"eval_ndcg@10": 0.7, "step": 6, "max_steps": 12}, done=0, running=2)
+    board.finished("a", {"train.learning_rate": 1e-4, "train.loss": "BinaryCrossEntropyLoss"}, {"step": 6, "max_steps": 12}, done=1, running=1)
+    board.failed("c", {"train.loss": '{"name": "CrossEntropyLoss", "label_smoothing": 0.1}'}, "Traceback ...\nValueError: x\n", done=2, running=1)
+    lines = plain.getvalue().splitlines()
+    assert lines[1].startswith("tune: 0/3 trials done, 2 running  best ndcg@10 0.7000 (trial b)  trial b at step 6/12")
+    assert lines[2] == "trial a stopped early at step 6/12: learning_rate=0.0001 loss=BinaryCrossEntropyLoss: best ndcg@10 0.5000  (1/3 done)"
+    assert lines[4:7] == ["trial c FAILED: loss=CrossEntropyLoss(label_smoothing=0.1)  (2/3 done)", "Traceback ...", "ValueError: x"]
+    assert lines[7].startswith("tune: 2/3 trials done, 1 running  best ndcg@10 0.7000 (trial b)")
+
+
+SESSION = """
+import logging, os, sys
+from ce_ray import console
+
+logging.basicConfig(level=logging.INFO)
+with console.session("train job.yaml", sys.argv[1], verbose=sys.argv[2] == "verbose"):
+    console.say("ce-ray: a line of its own")
+    print("a library's print")
+    os.write(2, b"C-level stderr of a library\\n")
+    logging.getLogger("transformers.modeling").info("a library's INFO record")
+    logging.getLogger("ce_ray.data.check").warning("data.train: dropped 2 invalid row(s)")
+    raise RuntimeError("boom: the whole message")
+"""
+
+
+def _session(tmp_path, mode: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(SESSION), str(tmp_path / "out"), mode],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_a_session_keeps_the_terminal_for_ce_ray_and_sends_the_rest_to_the_log(tmp_path):
+    proc = _session(tmp_path, "quiet")
+    log = tmp_path / "out" / "logs" / "console.log"
+    assert log_path(str(tmp_path / "out")) == str(log)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == [
+        f"ce-ray train job.yaml  (Ray, Hugging Face and worker logs: {log}; --verbose prints them here)",
+        "ce-ray: a line of its own",
+    ]
+    # ce-ray's warnings and the error, in full, on stderr; the libraries' output only in the log
+    assert "WARNING: data.train: dropped 2 invalid row(s)" in proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr and "RuntimeError: boom: the whole message" in proc.stderr
+    for noise in ("a library's print", "C-level stderr", "a library's INFO record"):
+        assert noise not in proc.stdout + proc.stderr
+    logged = log.read_text()
+    assert logged.startswith("\n===== ce-ray train job.yaml")
+    for line in ("a library's print", "C-level stderr of a library", "INFO:transformers.modeling:a library's INFO record",
+                 "RuntimeError: boom: the whole message"):  # fmt: skip
+        assert line in logged
+
+    # a second command on the same output_dir appends to the log
+    _session(tmp_path, "quiet")
+    assert log.read_text().count("===== ce-ray train job.yaml") == 2
+
+
+def test_verbose_keeps_everything_on_the_terminal(tmp_path):
+    proc = _session(tmp_path, "verbose")
+    assert proc.stdout.splitlines() == ["ce-ray: a line of its own", "a library's print"]
+    assert "C-level stderr of a library" in proc.stderr and "a library's INFO record" in proc.stderr
+    assert "RuntimeError: boom: the whole message" in proc.stderr
+    assert not (tmp_path / "out" / "logs").exists()
