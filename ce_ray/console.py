@@ -283,7 +283,8 @@ class TrainProgress:
             self._last.update(loss=event.get("loss"), learning_rate=event.get("learning_rate"))
         self._last.update(step=event["step"], max_steps=event["max_steps"], t=event["t"],
                           samples=event.get("samples", 0), train_s=event.get("train_s", 0.0))  # fmt: skip
-        if self.console.tty or kind in ("start", "end") or event["t"] - self._plain_at >= PLAIN_EVERY_S:
+        last_step = event["step"] >= event["max_steps"] > 0  # plain lines: the "end" event has its final numbers
+        if self.console.tty or kind in ("start", "end") or (not last_step and event["t"] - self._plain_at >= PLAIN_EVERY_S):
             self._plain_at = event["t"]
             self.console.live(self.text())
 

@@ -63,6 +63,12 @@ def test_without_a_terminal_progress_is_plain_lines_at_each_evaluation_and_every
     assert lines[3].startswith("[2/5] nli: eval at step 10/20")
     assert len(lines) == 4  # step 15 came 8 s after the last progress line (PLAIN_EVERY_S: 10 s)
 
+    # the last step's line waits for the end of training, with the numbers of the last log
+    progress.show({"max_steps": 20, "kind": "step", "step": 20, "t": 1045.0, "samples": 640, "train_s": 32.0})
+    progress.show({"max_steps": 20, "kind": "end", "step": 20, "t": 1050.0, "samples": 640, "train_s": 32.0})
+    lines = plain.getvalue().splitlines()
+    assert len(lines) == 5 and lines[4].startswith("[2/5] nli: step 20/20 100%") and lines[4].endswith("done in 0:50")
+
 
 def test_the_search_prints_a_line_per_trial_and_the_best_so_far():
     plain = io.StringIO()
