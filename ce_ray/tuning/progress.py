@@ -3,6 +3,7 @@ feeds :class:`ce_ray.console.TuneBoard` each trial's results, its end and, for a
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ray import tune
@@ -28,9 +29,13 @@ class ConsoleProgress(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_board": None}
 
+    def setup(self, **info):
+        self._started = time.time()  # this session's start of the search (a resumed one too)
+
     def _board_for(self, trials) -> console.TuneBoard | None:
         if self._board is None and console.active() is not None:
             self._board = console.TuneBoard(console.active(), self.total, self.metric, self.mode)
+            self._board.started = getattr(self, "_started", self._board.started)
             for t in trials:  # a resumed search: the trials it already has
                 value = (t.metric_analysis.get(self.metric) or {}).get(self.mode)
                 if value is not None:
