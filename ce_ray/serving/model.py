@@ -32,6 +32,7 @@ from ce_ray.serving.api import (
     check_rerank,
     coerce,
 )
+from ce_ray.serving.backends import load_model, serving_precision
 from ce_ray.serving.batching import PairScorer, score_isolated
 
 __all__ = ["CrossEncoderModel", "served_names"]
@@ -104,8 +105,6 @@ class CrossEncoderModel:
 
     def __init__(self, cfg: ServeConfig):
         import torch
-        from sentence_transformers.base.modules import Transformer
-        from sentence_transformers.cross_encoder import CrossEncoder
 
         self.cfg = cfg
         self.name, self.names = served_names(cfg)
@@ -113,19 +112,11 @@ class CrossEncoderModel:
         self.device = "cuda" if cfg.num_gpus > 0 else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("serve.num_gpus > 0 but this replica sees no CUDA device")
-        self.precision = cfg.precision if cfg.precision != "auto" else ("fp16" if self.device == "cuda" else "fp32")
+        self.precision = serving_precision(cfg, self.device)
         if self.device == "cpu":
             torch.set_num_threads(max(1, round(cfg.num_cpus)))
 
-        ce = CrossEncoder(self.path, device=self.device)
-        plain = len(ce) == 1 and isinstance(ce[0], Transformer)
-        if not plain or ce[0].transformer_task != "sequence-classification":
-            raise ValueError(
-                f"{self.path}: ce-ray serves sequence-classification CrossEncoders (one Transformer module); "
-                f"this model has modules {[type(m).__name__ for m in ce]}"
-            )
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
-        net = ce.model.to(dtype).eval()
+        ce, net = load_model(cfg, self.path, self.device, self.precision)  # serve.backend: torch, onnx or openvino
         self.activation = ce.activation_fn
         self.max_length = int(ce.max_seq_length or 512)
         # CPU: small passes pad least and cost the same per token; GPU: large passes fill the device.
@@ -222,6 +213,8 @@ class CrossEncoderModel:
             max_length=self.max_length,
             device=self.device,
             precision=self.precision,
+            backend=cfg.backend,
+            model_file=getattr(self.scorer.net, "file", None),
             limits={
                 "max_documents": cfg.max_documents,
                 "max_pairs": cfg.max_pairs,
