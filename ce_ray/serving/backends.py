@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -255,10 +256,13 @@ def export_backend(
         raise ConfigError(f"--backend: {backend!r}; use onnx or openvino")
     if importlib.util.find_spec(module) is None or (backend == "onnx" and importlib.util.find_spec("onnx") is None):
         raise ConfigError(f"--backend: {backend} needs {module}; pip install 'ce-ray[{extra}]'")
-    if backend == "openvino" and (optimize or quantize):
+    if backend == "openvino" and optimize:
+        raise ConfigError("--optimize: ONNX Runtime's graph levels, for --backend onnx only; OpenVINO optimises when a "
+                          "replica compiles the model")
+    if backend == "openvino" and quantize:
         raise ConfigError(
-            f"--{'optimize' if optimize else 'quantize'}: for --backend onnx only (OpenVINO int8 needs nncf's static "
-            "quantization with calibration data, which ce-ray does not do); use --backend onnx --quantize qint8"
+            "--quantize: for --backend onnx only (OpenVINO int8 needs nncf's static quantization with calibration "
+            "data, which ce-ray does not do); use --backend onnx --quantize qint8"
         )
     if optimize is not None and optimize not in OPTIMIZE_LEVELS:
         raise ConfigError(f"--optimize: {optimize!r}; use one of {', '.join(OPTIMIZE_LEVELS)}")
@@ -346,7 +350,10 @@ def _export_onnx(ce: CrossEncoder, file: str) -> None:
     sample = tokenizer(["a query", "a longer query here"], ["a document", "another document that is longer"],
                        padding=True, return_tensors="pt")
     dynamic = {name: {0: "batch_size", 1: "sequence_length"} for name in names}
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # the tracer's notes on Python branches (padding, causal masks) that an encoder's graph does not depend on
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
         torch.onnx.export(
             net,
             (),
