@@ -525,15 +525,16 @@ class ServeConfig(_Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions allowed).")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto",
-        description="auto = fp16 on GPU, fp32 on CPU. bf16: torch and openvino on CPU (fast where the CPU has "
-        "avx512_bf16/amx_bf16); fp16: GPU only; the onnx backend runs the exported graph as it is (fp32 or int8).",
+        description="auto = fp16 on GPU; on CPU bf16 where the CPU computes it natively (avx512_bf16/amx_bf16), else "
+        "fp32. bf16 also for torch and openvino on other CPUs (slow there); fp16 needs a GPU; the onnx backend runs "
+        "the exported graph as it is (fp32 or int8).",
     )
-    backend: Literal["torch", "onnx", "openvino"] = Field(
-        "torch",
+    backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
+        "auto",
         description="Inference engine of the model replicas: torch (PyTorch), onnx (ONNX Runtime, CPU) or openvino "
-        "(OpenVINO, CPU). onnx/openvino load the model dir's onnx/ or openvino/ subfolder written by `ce-ray export` "
-        "(or sentence-transformers' export); a model without one is exported to plain ONNX when the replica starts. "
-        "Needs `pip install 'ce-ray[onnx]'` / `'ce-ray[openvino]'`.",
+        "(OpenVINO, CPU). auto = openvino on CPU replicas where OpenVINO is installed (the fastest measured, "
+        "bench/README.md), else torch; torch on GPU. onnx/openvino serve the model dir's onnx/ or openvino/ folder "
+        "written by `ce-ray export`; a model without one is exported when the replica starts.",
     )
     model_file: str | None = Field(
         None,
@@ -558,7 +559,7 @@ class ServeConfig(_Section):
             raise ValueError(f"num_replicas must be at least 1 (or 'auto'), got {self.num_replicas}")
         if self.precision == "fp16" and self.num_gpus == 0:
             raise ValueError("precision fp16 needs a GPU (num_gpus > 0); use fp32 or bf16 on CPU")
-        if self.backend != "torch":
+        if self.backend in ("onnx", "openvino"):
             if self.num_gpus > 0:
                 raise ValueError(
                     f"backend {self.backend} runs on CPU here, but num_gpus is {self.num_gpus:g}; use backend torch "
@@ -577,7 +578,7 @@ class ServeConfig(_Section):
                     + ("model_qint8_avx512_vnni.onnx" if self.backend == "onnx" else "openvino_model.xml")
                 )
         elif self.model_file is not None:
-            raise ValueError("model_file is for backend onnx or openvino; remove it or set backend")
+            raise ValueError(f"model_file is for backend onnx or openvino, not {self.backend}; remove it or set backend")
         return self
 
 

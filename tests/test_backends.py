@@ -1,6 +1,6 @@
-"""serve.backend onnx / openvino and ``ce-ray export``: the tiny reranker exported, served over real HTTP (httpx against
-a real local Ray Serve), scores compared with ``CrossEncoder.rank`` on the same weights; bad combinations fail
-before any Ray work.
+"""serve.backend onnx / openvino / auto and ``ce-ray export``: the tiny reranker exported, served over real HTTP (httpx
+against a real local Ray Serve), scores compared with ``CrossEncoder.rank`` on the same weights; bad combinations
+fail before any Ray work.
 """
 
 from __future__ import annotations
@@ -88,9 +88,15 @@ def test_onnx_and_openvino_servers_score_like_crossencoder_rank(ray_session, rer
 
     expected = {r["corpus_id"]: r["score"] for r in CrossEncoder(reranker).rank(QUERY, DOCS)}
     port = _free_port()
-    apps = {"onnx": {"backend": "onnx"}, "onnx-int8": {"backend": "onnx", "model_file": "model_qint8_avx512_vnni.onnx"}}
+    from ce_ray.serving.backends import resolve_backend, serving_precision
+
+    apps = {
+        "onnx": {"backend": "onnx"},
+        "onnx-int8": {"backend": "onnx", "model_file": "model_qint8_avx512_vnni.onnx"},
+        "default": {},  # the CPU default: openvino (bf16 where native) when installed, else torch
+    }
     if _has("openvino"):
-        apps["openvino"] = {"backend": "openvino"}
+        apps["openvino"] = {"backend": "openvino", "precision": "fp32"}
     urls = {}
     for name, settings in apps.items():  # start all, then wait: their replicas load in parallel
         cfg = ServeConfig(model=reranker, port=port, route_prefix=f"/{name}", num_cpus=0.5, **settings)
@@ -101,14 +107,17 @@ def test_onnx_and_openvino_servers_score_like_crossencoder_rank(ray_session, rer
             answer = httpx.post(f"{url}/rerank", json={"query": QUERY, "documents": DOCS}, timeout=60)
             assert answer.status_code == 200, answer.text
             got = {r["index"]: r["relevance_score"] for r in answer.json()["results"]}
-            tolerance = 0.05 if name == "onnx-int8" else 1e-4  # int8 weights move scores a little
+            cfg = ServeConfig(model=reranker, **apps[name])
+            exact = serving_precision(cfg, "cpu") == "fp32"
+            tolerance = 1e-4 if exact else 0.05  # int8 weights or bf16 move scores a little
             assert got == pytest.approx(expected, abs=tolerance), name
-            if name != "onnx-int8":  # same order as torch
+            if exact:  # same order as torch
                 assert [r["index"] for r in answer.json()["results"]] == sorted(expected, key=expected.get, reverse=True)
             info = httpx.get(f"{url}/info", timeout=60).json()
-            assert info["backend"] == apps[name]["backend"]
-            assert info["model_file"].endswith(apps[name].get("model_file", "model.onnx" if name == "onnx" else ".xml"))
-            assert info["precision"] == ("int8" if name == "onnx-int8" else "fp32")
+            assert info["backend"] == resolve_backend(cfg, "cpu")
+            assert info["precision"] == serving_precision(cfg, "cpu")
+            if info["backend"] != "torch":
+                assert info["model_file"].endswith(apps[name].get("model_file", "model.onnx" if info["backend"] == "onnx" else ".xml"))
     finally:
         for name in urls:
             stop_server(f"test-{name}")
@@ -131,3 +140,16 @@ def test_bad_backend_settings_fail_before_ray(reranker, tiny_model):
     with pytest.raises(ConfigError, match="serve.model_file: .* \\(it has no onnx/ folder\\)"):
         app_builder(ServeConfig(model=tiny_model, backend="onnx", model_file="model_O3.onnx"))
     app_builder(ServeConfig(model=tiny_model, backend="onnx"))  # no onnx/ yet: the replica exports plain ONNX
+
+
+def test_the_cpu_default_is_openvino_in_bf16_where_native(reranker):
+    from ce_ray.runtime import native_bf16
+    from ce_ray.serving.backends import resolve_backend, serving_precision
+
+    default = ServeConfig(model=reranker)
+    assert default.backend == "auto" and default.precision == "auto"
+    assert resolve_backend(default, "cpu") == ("openvino" if _has("openvino") else "torch")
+    assert resolve_backend(default, "cuda") == "torch"
+    assert serving_precision(default, "cpu") == ("bf16" if native_bf16(use_gpu=False) else "fp32")
+    assert serving_precision(default, "cuda") == "fp16"
+    assert serving_precision(ServeConfig(model=reranker, backend="onnx", model_file="model_qint8_avx2.onnx"), "cpu") == "int8"

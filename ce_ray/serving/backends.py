@@ -48,6 +48,7 @@ __all__ = [
     "check_backend",
     "export_backend",
     "load_model",
+    "resolve_backend",
     "serving_precision",
 ]
 
@@ -68,15 +69,25 @@ _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # --------------------------------------------------------------------------------------------
 # serving: check (before Ray), load (in the replica)
 # --------------------------------------------------------------------------------------------
-def serving_precision(cfg: ServeConfig, device: str, model_file: str | None = None) -> str:
-    """The precision a replica computes in: ``serve.precision``, with ``auto`` = fp16 on GPU, fp32 on CPU;
-    for onnx, what the graph holds (int8 for a quantized file, fp16 for O4, else fp32)."""
-    if cfg.backend == "onnx":
-        name = model_file or cfg.model_file or BACKEND_FILES["onnx"][1]
+def resolve_backend(cfg: ServeConfig, device: str) -> str:
+    """``serve.backend`` on a replica of ``device``: ``auto`` = openvino on CPU where OpenVINO is installed, else torch."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "openvino" if device == "cpu" and importlib.util.find_spec("openvino") is not None else "torch"
+
+
+def serving_precision(cfg: ServeConfig, device: str) -> str:
+    """The precision a replica computes in: ``serve.precision``, with ``auto`` = fp16 on GPU, and on CPU bf16 where
+    it is native (:func:`~ce_ray.runtime.native_bf16`), else fp32; for onnx, what the graph holds (int8 for a
+    quantized file, fp16 for O4, else fp32)."""
+    if resolve_backend(cfg, device) == "onnx":
+        name = cfg.model_file or BACKEND_FILES["onnx"][1]
         return "int8" if "int8" in name else "fp16" if "_O4" in name else "fp32"
     if cfg.precision != "auto":
         return cfg.precision
-    return "fp16" if device == "cuda" else "fp32"
+    if device == "cuda":
+        return "fp16"
+    return "bf16" if native_bf16(use_gpu=False) else "fp32"
 
 
 def check_backend(cfg: ServeConfig) -> None:
@@ -87,12 +98,13 @@ def check_backend(cfg: ServeConfig) -> None:
     Raises:
         ConfigError: naming ``serve.backend`` or ``serve.model_file`` and the fix.
     """
-    if cfg.backend == "torch":
+    backend = resolve_backend(cfg, "cuda" if cfg.num_gpus > 0 else "cpu")
+    if backend == "torch":
         return
-    sub, default, module, extra = BACKEND_FILES[cfg.backend]
+    sub, default, module, extra = BACKEND_FILES[backend]
     if importlib.util.find_spec(module) is None:
         raise ConfigError(
-            f"serve.backend: {cfg.backend} needs {module}, which is not installed; pip install 'ce-ray[{extra}]' "
+            f"serve.backend: {backend} needs {module}, which is not installed; pip install 'ce-ray[{extra}]' "
             "(or serve.backend: torch)"
         )
     path = locate_model(cfg.model or "")
@@ -106,12 +118,12 @@ def check_backend(cfg: ServeConfig) -> None:
         have = f"it has {', '.join(present)}" if present else f"it has no {sub}/ folder"
         raise ConfigError(
             f"serve.model_file: {wanted} does not exist ({have}); write it with `ce-ray export {path} --backend "
-            f"{cfg.backend} ...`, or leave serve.model_file out to serve {sub}/{default}"
+            f"{backend} ...`, or leave serve.model_file out to serve {sub}/{default}"
         )
     if not is_model_dir(path):
         raise ConfigError(
             f"serve.backend: {path} has no {sub}/{default} and no PyTorch weights to export one from; "
-            f"run `ce-ray export MODEL --backend {cfg.backend} --output {path}` or use serve.backend: torch"
+            f"run `ce-ray export MODEL --backend {backend} --output {path}` or use serve.backend: torch"
         )
 
 
@@ -135,11 +147,12 @@ def load_model(cfg: ServeConfig, path: str, device: str, precision: str) -> tupl
             f"{path}: ce-ray serves sequence-classification CrossEncoders (one Transformer module); "
             f"this model has modules {[type(m).__name__ for m in ce]}"
         )
-    if cfg.backend == "torch":
+    backend = resolve_backend(cfg, device)
+    if backend == "torch":
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         return ce, ce.model.to(dtype).eval()
 
-    sub, default, _, _ = BACKEND_FILES[cfg.backend]
+    sub, default, _, _ = BACKEND_FILES[backend]
     file = os.path.join(path, sub, cfg.model_file or default)
     threads = max(1, round(cfg.num_cpus))
     if not os.path.isfile(file):
@@ -147,21 +160,23 @@ def load_model(cfg: ServeConfig, path: str, device: str, precision: str) -> tupl
             raise FileNotFoundError(f"serve.model_file: {file} does not exist")
         logger.warning(
             "%s has no %s/%s: exporting it for this replica (run `ce-ray export %s --backend %s` once to skip this)",
-            path, sub, default, path, cfg.backend,
+            path, sub, default, path, backend,
         )
         tmp = tempfile.mkdtemp(prefix="ce_ray_export_")
         file = os.path.join(tmp, default)
-        if cfg.backend == "onnx":
+        if backend == "onnx":
             _export_onnx(ce, file)
         else:
             _export_openvino(ce, file, tmp)
     config = ce.model.config
-    net = _OnnxNet(file, threads, config) if cfg.backend == "onnx" else _OpenVinoNet(file, threads, precision, config)
+    net = _OnnxNet(file, threads, config) if backend == "onnx" else _OpenVinoNet(file, threads, precision, config)
     return ce, net
 
 
 class _OnnxNet:
     """An ONNX Runtime session that takes PairScorer's torch features and returns ``.logits`` (a torch tensor)."""
+
+    backend = "onnx"
 
     def __init__(self, file: str, threads: int, config):
         import onnxruntime as ort
@@ -185,6 +200,8 @@ class _OnnxNet:
 
 class _OpenVinoNet:
     """An OpenVINO CPU model that takes PairScorer's torch features and returns ``.logits`` (a torch tensor)."""
+
+    backend = "openvino"
 
     def __init__(self, file: str, threads: int, precision: str, config):
         import openvino as ov
@@ -339,9 +356,9 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def _export_onnx(ce: CrossEncoder, file: str) -> None:
     """The CrossEncoder's network as ONNX (fp32, opset 17), dynamic in batch size and sequence length."""
-    import torch
-
     import inspect
+
+    import torch
 
     tokenizer = ce.tokenizer
     net = ce.model.float().eval().cpu()

@@ -5,8 +5,9 @@ by :class:`~ce_ray.serving.batching.PairScorer` and split back per request. Sett
 :class:`~ce_ray.config.ServeConfig`: ``max_batch_requests`` requests per batch (1 turns it off),
 ``batch_wait_timeout_s`` to fill a batch (a batch runs while the next one queues, so under load
 batches fill up by themselves), ``max_batch_size`` pairs and ``max_batch_tokens`` padded tokens per
-forward pass; ``num_gpus`` > 0 runs on CUDA; ``precision: auto`` is fp16 on GPU, fp32 on CPU; on
-CPU the replica uses ``num_cpus`` torch threads.
+forward pass; ``num_gpus`` > 0 runs on CUDA; ``backend`` and ``precision`` are resolved by
+:mod:`~ce_ray.serving.backends` (torch, ONNX Runtime or OpenVINO; fp16 on GPU, bf16 on CPUs with native bf16);
+on CPU the replica uses ``num_cpus`` threads.
 """
 
 import logging
@@ -213,7 +214,7 @@ class CrossEncoderModel:
             max_length=self.max_length,
             device=self.device,
             precision=self.precision,
-            backend=cfg.backend,
+            backend=getattr(self.scorer.net, "backend", "torch"),
             model_file=getattr(self.scorer.net, "file", None),
             limits={
                 "max_documents": cfg.max_documents,
