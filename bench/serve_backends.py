@@ -27,9 +27,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve_load  # noqa: E402  (sets HF offline mode, the QA requests, the load driver)
-
-import numpy as np  # noqa: E402
+import numpy as np
+import serve_load
 
 # name -> serve settings; the file names are those `ce-ray export` writes
 CHOICES = {
@@ -68,22 +67,29 @@ def ndcg_at_10(url: str, rows: list[dict]) -> float:
     return float(np.mean(scores))
 
 
-def measure(cfg, requests: list[dict], clients: int, ndcg_rows: list[dict] | None) -> dict:
-    """One server for ``cfg``: warm-up, the timed load, optionally NDCG@10; then it is stopped."""
-    import httpx
+def start_all(model_dir: str, port: int, choices: list[str], threads: int) -> dict[str, str]:
+    """One Serve app per choice (route ``/<choice>``), all up at once: idle replicas cost little, so the timed
+    loads can alternate between choices every few seconds without restarts."""
+    from ce_ray.config import ServeConfig
+    from ce_ray.serving import start_server, wait_until_ready
 
-    from ce_ray.serving import start_server, stop_server
+    # serve.num_cpus is the Ray resource; it rounds to the torch/ORT/OpenVINO threads (at least 1). A fraction
+    # lets every replica fit on a small machine; each still computes with `threads` threads.
+    urls = {}
+    for choice in choices:
+        cfg = ServeConfig(model=model_dir, port=port, route_prefix=f"/{choice}", num_cpus=threads if threads > 1 else 0.25,
+                          **CHOICES[choice])
+        urls[choice] = start_server(cfg, name=f"bench-{choice}", wait=False, access_log=False)
+    for choice, url in urls.items():
+        wait_until_ready(url, f"bench-{choice}", timeout_s=600)
+    return urls
 
-    url = start_server(cfg, name="bench", access_log=False)
-    try:
-        asyncio.run(serve_load._drive(url, requests[:clients], clients))  # warm-up: connections, first batches
-        latencies, errors, wall = asyncio.run(serve_load._drive(url, requests, clients))
-        info = httpx.get(f"{url}/info", timeout=60).json()
-        ndcg = ndcg_at_10(url, ndcg_rows) if ndcg_rows else None
-    finally:
-        stop_server("bench")
-    row = serve_load._row(cfg.backend, requests, latencies, errors, wall, info["stats"]["peak_rss_mb"], None)
-    return {**row, "ndcg": ndcg, "precision": info["precision"]}
+
+def load(url: str, requests: list[dict], clients: int) -> dict:
+    """The timed load on one server (after a warm-up of one request per client)."""
+    asyncio.run(serve_load._drive(url, requests[:clients], clients))
+    latencies, errors, wall = asyncio.run(serve_load._drive(url, requests, clients))
+    return serve_load._row(url, requests, latencies, errors, wall, 0.0, None)
 
 
 def prepare_model(model: str | None, out: str, choices: list[str]) -> str:
@@ -117,8 +123,6 @@ def main(argv: list[str] | None = None) -> None:
 
     import pandas as pd
 
-    from ce_ray.config import ServeConfig
-
     choices = [c.strip() for c in args.choices.split(",") if c.strip()]
     unknown = sorted(set(choices) - set(CHOICES))
     if unknown:
@@ -135,21 +139,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model {args.model or 'bundled MiniLM, fresh head'} | {args.requests} requests x {args.docs} docs | "
           f"{args.clients} clients | {args.num_cpus} thread(s) | {args.rounds} rounds | NDCG@10 on {len(ndcg_rows)} queries")
 
+    import httpx
+    from ray import serve
+
+    urls = start_all(model_dir, port, choices, args.num_cpus)
+    ndcg, precision = {}, {}
+    for choice, url in urls.items():
+        precision[choice] = httpx.get(f"{url}/info", timeout=60).json()["precision"]
+        ndcg[choice] = ndcg_at_10(url, ndcg_rows) if ndcg_rows else None
+        print(f"{choice:<14} precision {precision[choice]:<5}" + (f" NDCG@10 {ndcg[choice]:.4f}" if ndcg_rows else ""), flush=True)
     results: dict[str, list[dict]] = {c: [] for c in choices}
     for rnd in range(args.rounds):
         order = choices[rnd % len(choices):] + choices[: rnd % len(choices)]  # rotate: no choice always runs first
         for choice in order:
-            cfg = ServeConfig(model=model_dir, port=port, num_cpus=args.num_cpus, **CHOICES[choice])
-            row = measure(cfg, requests, args.clients, ndcg_rows if rnd == 0 else None)
+            row = load(urls[choice], requests, args.clients)
             results[choice].append(row)
             print(f"round {rnd + 1} {choice:<14} {row['pairs_s']:7.1f} pairs/s  p50 {row['p50']:6.0f} ms  "
-                  f"errors {row['errors']}" + (f"  NDCG@10 {row['ndcg']:.4f}" if row["ndcg"] is not None else ""), flush=True)
-    from ray import serve
-
+                  f"errors {row['errors']}", flush=True)
     serve.shutdown()
 
     base = results.get("torch-fp32")
-    print(f"\n{'choice':<14} {'pairs/s (median)':>16} {'per round':>22} {'x torch fp32':>12} {'NDCG@10':>8} {'p50 ms':>7} {'errors':>6}")
+    print(f"\n{'choice':<14} {'pairs/s (median)':>16} {'per round':>30} {'x torch fp32':>12} {'NDCG@10':>8} {'p50 ms':>7} {'errors':>6}")
     table = []
     for choice in choices:
         rows = results[choice]
@@ -159,17 +169,18 @@ def main(argv: list[str] | None = None) -> None:
             "pairs_s": statistics.median(r["pairs_s"] for r in rows),
             "per_round": [round(r["pairs_s"], 1) for r in rows],
             "ratio": statistics.median(ratios) if ratios else None,
-            "ndcg": rows[0]["ndcg"],
+            "ndcg": ndcg[choice],
+            "precision": precision[choice],
             "p50": statistics.median(r["p50"] for r in rows),
             "errors": sum(r["errors"] for r in rows),
         }
         table.append(entry)
         ratio = f"{entry['ratio']:.2f}x" if entry["ratio"] is not None else "-"
-        ndcg = f"{entry['ndcg']:.4f}" if entry["ndcg"] is not None else "-"
-        print(f"{choice:<14} {entry['pairs_s']:>16.1f} {' / '.join(map(str, entry['per_round'])):>22} {ratio:>12} "
-              f"{ndcg:>8} {entry['p50']:>7.0f} {entry['errors']:>6}")
-    if base and base[0]["ndcg"] is not None:
-        reference = base[0]["ndcg"]
+        quality = f"{entry['ndcg']:.4f}" if entry["ndcg"] is not None else "-"
+        print(f"{choice:<14} {entry['pairs_s']:>16.1f} {' / '.join(map(str, entry['per_round'])):>30} {ratio:>12} "
+              f"{quality:>8} {entry['p50']:>7.0f} {entry['errors']:>6}")
+    if base and ndcg.get("torch-fp32") is not None:
+        reference = ndcg["torch-fp32"]
         ok = [t for t in table if t["choice"] != "torch-fp32" and abs(t["ndcg"] - reference) <= 0.01]
         best = max(ok, key=lambda t: t["ratio"], default=None)
         if best:
