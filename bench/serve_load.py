@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--num-gpus", type=float, default=1.0, help="GPUs per replica with --device cuda")
     parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    parser.add_argument(
+        "--backend", choices=["auto", "torch", "onnx", "openvino"], default="torch",
+        help="serve.backend (default torch, as the numbers in bench/README.md; bench/serve_backends.py compares them)",
+    )
     parser.add_argument("--max-batch-size", type=int, help="pairs per forward pass (serve.max_batch_size)")
     parser.add_argument("--max-batch-tokens", type=int, help="padded tokens per forward pass (serve.max_batch_tokens)")
     parser.add_argument("--batch-wait", type=float, default=None, help="serve.batch_wait_timeout_s")
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve_opts = {"model": model_dir, "port": port, "num_cpus": args.num_cpus, "precision": precision}
+    serve_opts = {"model": model_dir, "port": port, "num_cpus": args.num_cpus, "precision": precision, "backend": args.backend}
     if args.device == "cuda":
         serve_opts["num_gpus"] = args.num_gpus
     if args.max_batch_size:

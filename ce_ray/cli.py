@@ -11,6 +11,7 @@ Examples::
     ce-ray rank --model runs/rerank/final --query "How many people live in Berlin?" doc1 doc2
     ce-ray serve --model runs/rerank-tune/best
     ce-ray serve --model legal=runs/legal/best --model medical=runs/medical/best
+    ce-ray export runs/rerank-tune/best --backend onnx --quantize qint8   # then serve.backend=onnx
     ce-ray validate jobs/nli_train.yaml        # check a job without running it
     ce-ray demo                                # offline end-to-end demo
 """
@@ -178,6 +179,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ce_ray.serving.backends import export_backend
+
+    written = export_backend(args.model, args.backend, optimize=args.optimize, quantize=args.quantize, output=args.output)
+    model_dir = os.path.dirname(os.path.dirname(written))
+    print(f"wrote {written}")
+    print(f"serve it: ce-ray serve --model {model_dir} --set serve.backend={args.backend} "
+          f"--set serve.model_file={os.path.basename(written)}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ce_ray.demo import run_demo
 
@@ -247,6 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int)
     p.add_argument("--api-key", help="require this bearer token (prefer env CE_RAY_API_KEY)")
+
+    p = add("export", _cmd_export, "export a model for serve.backend onnx or openvino (into its onnx/ or openvino/ folder)")
+    p.add_argument("model", help="CrossEncoder directory, or a train/tune output_dir (uses best/ or final/)")
+    p.add_argument("--backend", required=True, choices=["onnx", "openvino"])
+    p.add_argument("--optimize", choices=["O1", "O2", "O3", "O4"], help="onnx: ONNX Runtime graph optimisation level (O4: fp16, for GPUs)")
+    p.add_argument(
+        "--quantize",
+        choices=["qint8", "arm64", "avx2", "avx512", "avx512_vnni"],
+        help="onnx: dynamic int8 quantization for a CPU target (qint8: this CPU's)",
+    )
+    p.add_argument("--output", help="write a new model directory here instead of into MODEL")
 
     p = add("demo", _cmd_demo, "offline end-to-end demo: train NLI + reranker, tune, serve (bundled MiniLM)")
     p.add_argument("--output-dir", default="demo_runs", help="where the demo writes data and runs")

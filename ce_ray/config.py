@@ -554,7 +554,23 @@ class ServeConfig(_Section):
     num_cpus: float = Field(1.0, gt=0, description="CPUs per model replica (on CPU also its torch threads, rounded).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions allowed).")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="auto = fp16 on GPU, fp32 on CPU."
+        "auto",
+        description="auto = fp16 on GPU; on CPU bf16 where the CPU computes it natively (avx512_bf16/amx_bf16), else "
+        "fp32. bf16 also for torch and openvino on other CPUs (slow there); fp16 needs a GPU; the onnx backend runs "
+        "the exported graph as it is (fp32 or int8).",
+    )
+    backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
+        "auto",
+        description="Inference engine of the model replicas: torch (PyTorch), onnx (ONNX Runtime, CPU) or openvino "
+        "(OpenVINO, CPU). auto = openvino on CPU replicas where OpenVINO is installed (the fastest measured, "
+        "bench/README.md), else torch; torch on GPU. onnx/openvino serve the model dir's onnx/ or openvino/ folder "
+        "written by `ce-ray export`; a model without one is exported when the replica starts.",
+    )
+    model_file: str | None = Field(
+        None,
+        description="onnx/openvino: the file in the model's onnx/ or openvino/ subfolder to serve, e.g. "
+        "model_O3.onnx or model_qint8_avx512_vnni.onnx (`ce-ray export` prints the name); default model.onnx / "
+        "openvino_model.xml.",
     )
 
     @model_validator(mode="after")
@@ -583,6 +599,26 @@ class ServeConfig(_Section):
             raise ValueError(f"num_replicas must be at least 1 (or 'auto'), got {self.num_replicas}")
         if self.precision == "fp16" and self.num_gpus == 0:
             raise ValueError("precision fp16 needs a GPU (num_gpus > 0); use fp32 or bf16 on CPU")
+        if self.backend in ("onnx", "openvino"):
+            if self.num_gpus > 0:
+                raise ValueError(
+                    f"backend {self.backend} runs on CPU here, but num_gpus is {self.num_gpus:g}; use backend torch "
+                    "on GPUs or set num_gpus: 0"
+                )
+            if self.precision == "bf16" and self.backend == "onnx":
+                raise ValueError(
+                    "precision bf16 with backend onnx: ONNX Runtime runs the exported graph as it is (fp32, or int8 "
+                    "from `ce-ray export --quantize`); use precision auto/fp32, or backend torch/openvino for bf16"
+                )
+            suffix = {"onnx": ".onnx", "openvino": ".xml"}[self.backend]
+            if self.model_file is not None and (not self.model_file.endswith(suffix) or "/" in self.model_file):
+                raise ValueError(
+                    f"model_file: {self.model_file!r} is not a *{suffix} file name (backend {self.backend}); give the name "
+                    f"of a file in the model's {self.backend}/ folder, e.g. "
+                    + ("model_qint8_avx512_vnni.onnx" if self.backend == "onnx" else "openvino_model.xml")
+                )
+        elif self.model_file is not None:
+            raise ValueError(f"model_file is for backend onnx or openvino, not {self.backend}; remove it or set backend")
         return self
 
 

@@ -1,11 +1,12 @@
-"""Connecting to Ray: an existing cluster when there is one, else a local one on this machine."""
+"""What this process runs on: Ray (an existing cluster when there is one, else a local one on this machine) and
+the hardware (:func:`native_bf16`). Imports nothing of ce-ray: training and serving both use it."""
 
 from __future__ import annotations
 
 import logging
 import os
 
-__all__ = ["PROPAGATED_ENV", "ensure_ray"]
+__all__ = ["PROPAGATED_ENV", "cpu_flags", "ensure_ray", "native_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,3 +55,27 @@ def ensure_ray() -> None:
     env_vars = {key: os.environ[key] for key in PROPAGATED_ENV if key in os.environ}
     # The dashboard stays on (127.0.0.1 only): Ray Train's cleanup actor queries actor state through it.
     ray.init(runtime_env={"env_vars": env_vars}, log_to_driver=True)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``avx512_vnni``, ``amx_bf16``...) from /proc/cpuinfo; empty where there is none
+    (not Linux: no cheap way to tell, so callers stay with what works everywhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
+def native_bf16(use_gpu: bool) -> bool:
+    """Whether this machine computes bf16 natively: a GPU with bf16, or a CPU with avx512_bf16/amx_bf16 (or Arm bf16)."""
+    import platform
+
+    import torch
+
+    if use_gpu:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    flags = cpu_flags()
+    if {"avx512_bf16", "amx_bf16"} & flags:
+        return True
+    return platform.machine() in ("aarch64", "arm64") and "bf16" in flags

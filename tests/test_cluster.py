@@ -448,6 +448,7 @@ def test_serve_places_replicas_on_both_nodes_and_requests_reach_both(cluster, sh
         "serve": {
             "model": tiny_model, "port": port, "num_replicas": 2, "num_cpus": 0.5, "max_replicas_per_node": 1,
             "proxy_location": "HeadOnly",  # both nodes share this machine's ports: one proxy
+            "backend": "torch",
         },
     }  # fmt: skip
     path = shared / "serve.yaml"

@@ -85,7 +85,11 @@ def serve_up(ray_session):
 def _start(serve_up, name: str, **fields) -> str:
     from ce_ray.serving import start_server
 
-    cfg = ServeConfig(port=serve_up.port, route_prefix=f"/{name}", num_cpus=0.5, batch_wait_timeout_s=0.01, **fields)
+    cfg = ServeConfig(
+        port=serve_up.port, route_prefix=f"/{name}", num_cpus=0.5, batch_wait_timeout_s=0.01,
+        backend="torch", precision="fp32",  # exact CrossEncoder.rank scores (the CPU default is OpenVINO bf16)
+        **fields,
+    )  # fmt: skip
     return start_server(cfg, name=name, access_log=False)
 
 

@@ -283,6 +283,8 @@ class InfoResponse(BaseModel):
     max_length: int = Field(description="Tokens per pair; longer pairs are truncated (and counted in usage).")
     device: str
     precision: str
+    backend: str = Field("torch", description="Inference engine: torch, onnx (ONNX Runtime) or openvino (serve.backend).")
+    model_file: str | None = Field(None, description="The ONNX/OpenVINO file served (onnx and openvino backends).")
     limits: dict[str, Any] = Field(description="max_documents, max_pairs, max_text_chars and the batching settings.")
     models: list[ServedModel] = Field(default_factory=list, description="Every model this app serves.")
     replicas: list[ServeStats] = Field(

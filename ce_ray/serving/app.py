@@ -41,6 +41,7 @@ from ce_ray import storage
 from ce_ray.config import ConfigError, ServeConfig, load_job
 from ce_ray.modeling import is_model_dir, is_remote, locate_model
 from ce_ray.quality import QUALITY_FILE
+from ce_ray.serving.backends import check_backend
 from ce_ray.serving.ingress import HEALTH_TIMEOUT_S, CrossEncoderAPI
 from ce_ray.serving.model import CrossEncoderModel
 
@@ -106,6 +107,7 @@ def _check_model_path(cfg: ServeConfig) -> None:
         looks_local = os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)
         if not is_remote(path) and looks_local and not is_model_dir(path):
             raise ConfigError(f"{key}: {model} is not a model directory (config.json and weights)")
+        check_backend(cfg, model)
 
 
 def quality_warning(model: str) -> str | None:

@@ -344,7 +344,8 @@ class CrossEncoderAPI:
     async def rerank(self, request: Request):
         """Rank documents for a query: ce-ray's (Cohere/Infinity) shape, or TEI's when the body has ``texts``.
 
-        Scores equal `CrossEncoder.rank` on the same inputs. Pairs longer than the model's max
+        Scores equal `CrossEncoder.rank` on the same inputs with `serve.backend: torch` in fp32; the CPU default
+        (OpenVINO, bf16 where native) differs by bf16 rounding. Pairs longer than the model's max
         length are truncated and counted in `usage.truncated_documents`.
         """
         if isinstance(request, Request):  # HTTP

@@ -5,8 +5,9 @@ by :class:`~ce_ray.serving.batching.PairScorer` (per model) and split back per r
 from :class:`~ce_ray.config.ServeConfig`: ``max_batch_requests`` requests per batch (1 turns it off),
 ``batch_wait_timeout_s`` to fill a batch (a batch runs while the next one queues, so under load
 batches fill up by themselves), ``max_batch_size`` pairs and ``max_batch_tokens`` padded tokens per
-forward pass; ``num_gpus`` > 0 runs on CUDA; ``precision: auto`` is fp16 on GPU, fp32 on CPU; on
-CPU the replica uses ``num_cpus`` torch threads. With ``serve.models`` a replica loads the models
+forward pass; ``num_gpus`` > 0 runs on CUDA; ``backend`` and ``precision`` are resolved by
+:mod:`~ce_ray.serving.backends` (torch, ONNX Runtime or OpenVINO; fp16 on GPU, bf16 on CPUs with native bf16);
+on CPU the replica uses ``num_cpus`` threads. With ``serve.models`` a replica loads the models
 requests ask for on demand (``@serve.multiplexed``), at most ``max_models_per_replica`` at once.
 """
 
@@ -39,6 +40,8 @@ from ce_ray.serving.api import (
     check_rerank,
     coerce,
 )
+from ce_ray.serving.backends import load_model as load_backend
+from ce_ray.serving.backends import serving_precision
 from ce_ray.serving.batching import PairScorer, score_isolated
 from ce_ray.serving.catalog import catalog
 from ce_ray.serving.metrics import ModelMetrics
@@ -82,6 +85,8 @@ class LoadedModel:
     max_batch_tokens: int
     device: str
     precision: str
+    backend: str
+    model_file: str | None
     __weakref__: Any = field(default=None, init=False, repr=False, compare=False)
 
 
@@ -92,23 +97,13 @@ def load_model(name: str, location: str, cfg: ServeConfig) -> LoadedModel:
         ValueError: not a plain sequence-classification CrossEncoder, or a GPU replica without CUDA.
     """
     import torch
-    from sentence_transformers.base.modules import Transformer
-    from sentence_transformers.cross_encoder import CrossEncoder
 
     path = resolve_model_dir(location)
     device = "cuda" if cfg.num_gpus > 0 else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("serve.num_gpus > 0 but this replica sees no CUDA device")
-    precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device == "cuda" else "fp32")
-    ce = CrossEncoder(path, device=device)
-    plain = len(ce) == 1 and isinstance(ce[0], Transformer)
-    if not plain or ce[0].transformer_task != "sequence-classification":
-        raise ValueError(
-            f"{path}: ce-ray serves sequence-classification CrossEncoders (one Transformer module); "
-            f"this model has modules {[type(m).__name__ for m in ce]}"
-        )
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    net = ce.model.to(dtype).eval()
+    precision = serving_precision(cfg, device)
+    ce, net = load_backend(cfg, path, device, precision)  # serve.backend: torch, onnx or openvino
     max_length = int(ce.max_seq_length or 512)
     # CPU: small passes pad least and cost the same per token; GPU: large passes fill the device.
     max_batch_tokens = cfg.max_batch_tokens or (32768 if device == "cuda" else 1024)
@@ -128,8 +123,9 @@ def load_model(name: str, location: str, cfg: ServeConfig) -> LoadedModel:
     task = read_task(path) or ("rerank" if num_labels == 1 else "nli")
     scorer.score(["warm-up"], ["warm-up"])  # the first, slow forward pass outside any request
     return LoadedModel(
-        name, path, scorer, ce.activation_fn, num_labels, labels, task, max_length, max_batch_tokens, device, precision
-    )
+        name, path, scorer, ce.activation_fn, num_labels, labels, task, max_length, max_batch_tokens, device, precision,
+        getattr(net, "backend", "torch"), getattr(net, "file", None),
+    )  # fmt: skip
 
 
 @dataclass
@@ -283,6 +279,8 @@ class CrossEncoderModel:
             max_length=model.max_length,
             device=model.device,
             precision=model.precision,
+            backend=model.backend,
+            model_file=model.model_file,
             limits={
                 "max_documents": cfg.max_documents,
                 "max_pairs": cfg.max_pairs,

@@ -25,12 +25,13 @@ from ce_ray import storage
 from ce_ray.config import JobConfig, job_from_dict
 from ce_ray.data.prepare import PreparedData, load_prepared
 from ce_ray.modeling import load_cross_encoder, set_pad_multiple
+from ce_ray.runtime import native_bf16
 from ce_ray.tasks import LOSSES, TASKS, build_loss
 from ce_ray.training.callbacks import CHECKPOINT_SUBDIR, EarlyStopping, Progress, Reporter
 from ce_ray.training.card import card_data
 from ce_ray.training.instrument import WorkerStats
 
-__all__ = ["native_bf16", "pad_multiple", "resolve_precision", "train_loop_per_worker", "training_arguments"]
+__all__ = ["pad_multiple", "resolve_precision", "train_loop_per_worker", "training_arguments"]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -151,24 +152,6 @@ def training_arguments(job: JobConfig, world_size: int, output_dir: str, resumin
         torch_compile=t.compile,
         optim=t.optimizer,
     )
-
-
-def native_bf16(use_gpu: bool) -> bool:
-    """Whether this machine computes bf16 natively: a GPU with bf16, or a CPU with avx512_bf16/amx_bf16 (or Arm bf16)."""
-    import platform
-
-    import torch
-
-    if use_gpu:
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:  # not Linux: no cheap way to tell, stay with fp32
-        return False
-    if {"avx512_bf16", "amx_bf16"} & flags:
-        return True
-    return platform.machine() in ("aarch64", "arm64") and "bf16" in flags
 
 
 def resolve_precision(precision: str, use_gpu: bool) -> str:
