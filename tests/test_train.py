@@ -105,6 +105,8 @@ def test_two_workers_shard_the_data_and_end_with_identical_weights(tiny_model, n
     assert {"train/loss", "train/learning_rate", "eval/accuracy", "eval/f1_macro"} <= tags, tags
     assert [e.step for e in scalars.Scalars("eval/accuracy")] == [0, 4, 8]
     assert [e.step for e in scalars.Scalars("train/loss")] == [4, 8]  # every min(run.checkpoint_every, 50) steps
+    assert [e.step for e in scalars.Scalars("train/samples_per_second")] == [4, 8]
+    assert all(e.value > 0 for e in scalars.Scalars("train/samples_per_second"))
 
 
 def _registered_checkpoint(snapshot: Path) -> bool:

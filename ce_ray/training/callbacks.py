@@ -134,3 +134,36 @@ class Progress(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._send("end", args, state)
+
+
+class Throughput(TrainerCallback):
+    """Adds ``samples_per_second`` (global, over the training steps since the previous log) to every training log.
+
+    Put first in the trainer's callbacks (:func:`add_throughput`), so the ``report_to`` integrations that run
+    after it (TensorBoard, MLflow, W&B) log it with the loss and learning rate.
+    """
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self._seconds, self._steps = 0.0, 0
+        self._started: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._started is not None:
+            self._seconds += time.perf_counter() - self._started
+            self._steps += 1
+            self._started = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs and self._seconds > 0:
+            samples = self._steps * args.per_device_train_batch_size * self.world_size
+            logs["samples_per_second"] = round(samples / self._seconds, 2)
+            self._seconds, self._steps = 0.0, 0
+
+
+def add_throughput(trainer, world_size: int) -> None:
+    """Put a :class:`Throughput` first among ``trainer``'s callbacks (before the logging integrations)."""
+    trainer.callback_handler.callbacks.insert(0, Throughput(world_size))

@@ -27,7 +27,7 @@ from ce_ray.data.prepare import PreparedData, load_prepared
 from ce_ray.modeling import load_cross_encoder, set_pad_multiple
 from ce_ray.runtime import native_bf16
 from ce_ray.tasks import LOSSES, TASKS, build_loss
-from ce_ray.training.callbacks import CHECKPOINT_SUBDIR, EarlyStopping, Progress, Reporter
+from ce_ray.training.callbacks import CHECKPOINT_SUBDIR, EarlyStopping, Progress, Reporter, add_throughput
 from ce_ray.training.card import card_data
 from ce_ray.training.instrument import WorkerStats
 
@@ -88,6 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainer = CrossEncoderTrainer(
         model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=evaluator, callbacks=callbacks
     )
+    add_throughput(trainer, world_size)  # samples/s in every training log (TensorBoard, MLflow, W&B, ...)
     trainer = prepare_trainer(trainer)
     stats.attach(trainer)
 
