@@ -97,6 +97,15 @@ def ray_session():
     ray.shutdown()
 
 
+def free_port() -> int:
+    """A TCP port nothing on 127.0.0.1 listens on now (for Serve, Ray's nodes, ...)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ray_process_pids(name: str) -> list[int]:
     """Pids of the local Ray processes whose command line names ``name`` (e.g. RayTrainWorker, ImplicitFunc)."""
     import psutil

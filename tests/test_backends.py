@@ -6,13 +6,13 @@ fail before any Ray work.
 from __future__ import annotations
 
 import os
-import socket
 
 import httpx
 import pytest
 import torch
 
 from ce_ray.config import ConfigError, ServeConfig, load_job
+from conftest import free_port
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.timeout(300)
@@ -25,12 +25,6 @@ DOCS = [
     "Bananas are yellow.",
     "How many people live in Berlin? Lots of them, and the city keeps growing every single year.",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +81,7 @@ def test_onnx_and_openvino_servers_score_like_crossencoder_rank(ray_session, rer
     from ce_ray.serving import start_server, stop_server, wait_until_ready
 
     expected = {r["corpus_id"]: r["score"] for r in CrossEncoder(reranker).rank(QUERY, DOCS)}
-    port = _free_port()
+    port = free_port()
     from ce_ray.serving.backends import resolve_backend, serving_precision
 
     apps = {

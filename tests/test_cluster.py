@@ -49,6 +49,7 @@ import yaml
 
 from ce_ray import ray_jobs
 from ce_ray.config import load_job
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this environment's `ray` and `ce-ray`
@@ -170,12 +171,6 @@ def test_entrypoint_is_the_ce_ray_command_with_quoted_overrides():
 # --------------------------------------------------------------------------------------------
 # a two-node cluster on this machine
 # --------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for(condition: Callable[[], Any], timeout: float, what: str, abort: Callable[[], str | None] = lambda: None):
     """Poll ``condition`` until it returns something truthy, and return that.
 
@@ -207,7 +202,7 @@ class LocalCluster:
         token_file = root / "auth_token"
         token_file.write_text(self.token)
         token_file.chmod(0o600)
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         env = dict(os.environ)
         for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
@@ -237,7 +232,7 @@ class LocalCluster:
             "--num-cpus=2",  # room for both training workers once the worker node is gone
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={_free_port()}",
+            f"--ray-client-server-port={free_port()}",
         )
         _wait_for(self._gcs_listening, 90, "the head's GCS", abort=self._exited)
         self._start_node("worker", f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=1")
@@ -248,7 +243,7 @@ class LocalCluster:
             str(BIN / "ray"), "start", "--block", *args,
             "--num-gpus=0",
             f"--temp-dir={self.root / name}",
-            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
             "--min-worker-port=0", "--max-worker-port=0",  # OS-chosen ports for Ray's workers
             "--object-store-memory=200000000",
             "--disable-usage-stats",
@@ -442,7 +437,7 @@ def test_serve_places_replicas_on_both_nodes_and_requests_reach_both(cluster, sh
     import httpx
 
     auth = {"address": cluster.address, "token": cluster.token}
-    port = _free_port()
+    port = free_port()
     job = {
         "task": "rerank",
         "serve": {

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ce_ray.config import ServeConfig
+from conftest import free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -33,12 +34,6 @@ DOCS = [
 PAIRS = [["A man is eating pizza", "A man eats something"], ["A cat sleeps", "A dog barks loudly at night"]]
 LIMITS = {"max_documents": 50, "max_pairs": 50, "max_text_chars": 5000, "max_body_bytes": 200_000}
 MAX_REQUEST_TOKENS = 4000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +63,7 @@ def server(ray_session, model_dirs):
 
     from ce_ray.serving import start_server, stop_server, wait_until_ready
 
-    port = _free_port()
+    port = free_port()
     # torch fp32: the scores below equal CrossEncoder.rank's to 1e-5 (the CPU default, openvino bf16 where it is
     # native, is checked against it in test_backends.py)
     common = dict(port=port, num_cpus=0.5, max_batch_size=16, batch_wait_timeout_s=0.2, body_timeout_s=2,

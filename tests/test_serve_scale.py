@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -23,6 +22,7 @@ import pytest
 import torch
 
 from ce_ray.config import ServeConfig
+from conftest import free_port
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -33,12 +33,6 @@ DOCS = [
     "Berlin has 3.7 million inhabitants according to the census.",
     "Bananas are yellow.",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(condition, timeout: float, what: str):
@@ -76,7 +70,7 @@ def serve_up(ray_session):
 
     from ce_ray.serving import stop_server
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield SimpleNamespace(port=port, serve=serve)
     stop_server()
