@@ -252,22 +252,37 @@ class TrainProgress:
         self._plain_at = float("-inf")
 
     def __enter__(self) -> TrainProgress:
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # The queue lives on the driver's node: a run that survives losing a worker node must not
+        # lose its console with it (left to the scheduler, the actor may land on any node).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self._thread = threading.Thread(target=self._render, name="ce-ray-progress", daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.queue.put(None)  # after everything rank 0 sent: the queue is FIFO
+        # Progress is best effort: whatever happened to the queue, the run's own outcome stands.
+        try:
+            self.queue.put(None, timeout=30)  # after everything rank 0 sent: the queue is FIFO
+        except Exception:  # noqa: BLE001 - the queue actor is gone; the render thread has stopped
+            pass
         self._thread.join(timeout=60)
-        self.queue.shutdown()
+        try:
+            self.queue.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
         self.console.end_live()
 
     def _render(self) -> None:
-        while (event := self.queue.get()) is not None:
-            self.show(event)
+        try:
+            while (event := self.queue.get()) is not None:
+                self.show(event)
+        except Exception as e:  # noqa: BLE001 - the queue actor died: no more live progress
+            self.console.line(f"{self.label}: live progress stopped ({type(e).__name__}); the run goes on")
 
     def show(self, event: dict[str, Any]) -> None:
         """Update the state with one event and print what it changes."""

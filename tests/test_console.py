@@ -1,7 +1,7 @@
 """What ce-ray prints: its own lines on the terminal, everything else in the run's log, errors in full.
 
 The end-to-end checks (a real ``ce-ray train`` with Ray workers) are in tests/test_quality.py and, for
-``ce-ray tune``, tests/test_tune.py; these check the pieces without Ray.
+``ce-ray tune``, tests/test_tune.py; these check the pieces (the last one with a local Ray).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import io
 import subprocess
 import sys
 import textwrap
+import time
 
 from ce_ray.console import Console, TrainProgress, TuneBoard, log_path
 
@@ -135,3 +136,33 @@ def test_verbose_keeps_everything_on_the_terminal(tmp_path):
     assert "C-level stderr of a library" in proc.stderr and "a library's INFO record" in proc.stderr
     assert "RuntimeError: boom: the whole message" in proc.stderr
     assert not (tmp_path / "out" / "logs").exists()
+
+
+def test_the_progress_queue_lives_on_the_drivers_node_and_losing_it_never_fails_the_run(ray_session):
+    """Found by CI: the queue actor landed on the worker node that the two-node test kills, and the run that
+    survived the node's loss then failed on the console's queue. The queue is pinned to the driver's node, and
+    a dead queue stops the live line only: rank 0's callback and the driver's exit carry on."""
+    from types import SimpleNamespace
+
+    from ray.util.state import get_actor
+
+    from ce_ray.training.callbacks import Progress
+
+    plain = io.StringIO()
+    with TrainProgress(Console(plain, plain, verbose=False), "eval_ndcg@10") as progress:
+        assert progress.queue.qsize() >= 0  # a call answered: the actor is placed and alive
+        deadline = time.monotonic() + 30  # the state API can lag the actor by a moment
+        while (actor := get_actor(progress.queue.actor._actor_id.hex())).state != "ALIVE" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert actor.node_id == ray_session.get_runtime_context().get_node_id(), actor
+
+        callback = Progress(progress.queue, world_size=1)
+        args = SimpleNamespace(per_device_train_batch_size=8)
+        state = SimpleNamespace(global_step=0, max_steps=4)
+        callback.on_train_begin(args, state, None)
+        ray_session.kill(progress.queue.actor)
+        state.global_step = 4
+        callback.on_train_end(args, state, None)  # the queue is gone: a warning, no exception
+        assert callback.queue is None
+    assert "train: step 0/4 0%" in plain.getvalue()
+    assert "train: live progress stopped (" in plain.getvalue()

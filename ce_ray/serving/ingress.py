@@ -450,11 +450,15 @@ class CrossEncoderAPI:
             raise ApiError(404, "model_not_found", f"model: {model[:100]!r} is not served here", field="model")
         try:
             answer: InfoResponse = await self._handle(name).info.remote(name)
-            board = board_for(self.app_name)
-            replicas = [ServeStats.model_validate(r) for r in await board.read.remote()] if board else []
         except Exception:
             logger.exception("model info failed")
             raise ApiError(503, "unavailable", "the model is not available", headers={"Retry-After": "1"}) from None
+        try:  # the other replicas' counters; without the board (its node lost, restarting) just this one's
+            board = board_for(self.app_name)
+            replicas = [ServeStats.model_validate(r) for r in await board.read.remote()] if board else []
+        except Exception:
+            logger.warning("replica stats board unavailable; /info lists the answering replica only", exc_info=True)
+            replicas = []
         # The replica that answered is exact now; the others as of their last push (or not yet pushed).
         (answering,) = answer.replicas
         replicas = [r for r in replicas if r.replica != answering.replica] + [answering]

@@ -50,7 +50,10 @@ def _name(app: str) -> str:
 
 def _board(app: str):
     # Detached: it must outlive whichever replica created it (replicas come and go); stop_server removes it.
-    return StatsBoard.options(name=_name(app), namespace=_NAMESPACE, get_if_exists=True, lifetime="detached").remote()
+    # Restarted (empty) if its node is lost: the replicas' handles reach the new one, which refills within a push.
+    return StatsBoard.options(
+        name=_name(app), namespace=_NAMESPACE, get_if_exists=True, lifetime="detached", max_restarts=-1
+    ).remote()
 
 
 def board_for(app: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -11,6 +12,8 @@ from typing import Any
 import ray.train
 from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_SUBDIR", "EarlyStopping", "Progress", "Reporter"]
 
@@ -105,10 +108,16 @@ class Progress(TrainerCallback):
         samples = (state.global_step - self._first_step) * args.per_device_train_batch_size * self.world_size
         now = time.time()
         self._sent = now
-        self.queue.put_nowait(
-            {"kind": kind, "step": state.global_step, "max_steps": state.max_steps, "t": now,
-             "samples": samples, "train_s": self._train_s, **fields}
-        )  # fmt: skip
+        if self.queue is None:
+            return
+        try:
+            self.queue.put_nowait(
+                {"kind": kind, "step": state.global_step, "max_steps": state.max_steps, "t": now,
+                 "samples": samples, "train_s": self._train_s, **fields}
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - the console's queue is gone: training goes on without it
+            logger.warning("progress queue unavailable (%s: %s); no more live progress from this worker", type(e).__name__, e)
+            self.queue = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._first_step = state.global_step
