@@ -102,7 +102,7 @@ def build_parts(args, work: Path) -> list[tuple[str, list[list[str]], float, Pat
 
     res = work / "packing.json"
     argv = [py, "bench/tune_packing.py", "--device", device, "--model", model, "--data", str(data / "nli"), "--json", str(res)]
-    argv += ["--rows", "64", "--batch", "8", "--precision", "fp32", "--pack", "2"] if dry else ["--rows", "20000", "--pack", "4"]
+    argv += ["--rows", "32", "--batch", "8", "--precision", "fp32", "--pack", "2"] if dry else ["--rows", "20000", "--pack", "4"]
     parts.append(("packing", [argv], 180 if dry else 110, res))
 
     res = work / "serve.json"
@@ -126,7 +126,7 @@ def build_parts(args, work: Path) -> list[tuple[str, list[list[str]], float, Pat
         if dry:
             # 200 rows: the search's largest batch (64) still makes a step; a random model's cosines are
             # all near 1, so mining keeps every candidate (no max_score, no relative_margin)
-            sets += ["tune.num_samples=2", "train.max_steps=4", "run.checkpoint_every=2", "data.train.select=200",
+            sets += ["tune.num_samples=1", "train.max_steps=4", "run.checkpoint_every=2", "data.train.select=200",
                      "data.negatives.max_score=null", "data.negatives.relative_margin=null",
                      "data.eval.select=8", "data.test.select=8", "train.precision=fp32", "scaling.cpus_per_worker=0.45",
                      "data.negatives.num=2", "model.max_length=64", "data.test.offset=0"]

@@ -496,6 +496,13 @@ class ServeConfig(_Section):
     body_timeout_s: float = Field(
         10.0, gt=0, description="Longest wait for the next part of a request body; a body that stalls -> 408."
     )
+    header_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description="Longest time a connection may take to send its request line and headers; later, Ray's proxy "
+        "closes it (Slowloris; nginx's client_header_timeout). 0 = off. Set for the Serve proxies this command "
+        "starts (ce_ray/workarounds/uvicorn_157.py); proxies already running keep theirs.",
+    )
     max_queued_requests: int = Field(
         32,
         ge=1,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
-__all__ = ["PROPAGATED_ENV", "cpu_flags", "ensure_ray", "native_bf16"]
+__all__ = ["PROPAGATED_ENV", "SETUP_HOOK", "cpu_flags", "ensure_ray", "native_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,11 @@ PROPAGATED_ENV = (
     "WANDB_PROJECT",
     "WANDB_MODE",
     "AWS_DEFAULT_REGION",
+    "CE_RAY_HEADER_TIMEOUT_S",  # ce_ray.workarounds.uvicorn_157: read in Serve's proxies
 )
+
+# Run in every worker process of the Ray this process starts (Serve's proxies among them).
+SETUP_HOOK = "ce_ray.workarounds.uvicorn_157.install"
 
 
 def ensure_ray() -> None:
@@ -54,7 +58,7 @@ def ensure_ray() -> None:
         return
     env_vars = {key: os.environ[key] for key in PROPAGATED_ENV if key in os.environ}
     # The dashboard stays on (127.0.0.1 only): Ray Train's cleanup actor queries actor state through it.
-    ray.init(runtime_env={"env_vars": env_vars}, log_to_driver=True)
+    ray.init(runtime_env={"env_vars": env_vars, "worker_process_setup_hook": SETUP_HOOK}, log_to_driver=True)
 
 
 def cpu_flags() -> set[str]:

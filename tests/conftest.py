@@ -14,6 +14,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Serve's autoscaler hears of the load every 10 s by default; the autoscaling test needs it within a second.
 os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "0.5")
+# serve.header_timeout_s for the Serve proxies of the tests' Ray (ce_ray/workarounds/uvicorn_157.py)
+os.environ.setdefault("CE_RAY_HEADER_TIMEOUT_S", "2")
 
 from pathlib import Path  # noqa: E402
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from types import SimpleNamespace
 
 import httpx
@@ -524,6 +525,48 @@ def test_a_stalled_body_is_cut_off(server):
         answer = answer.decode()
     assert answer.startswith("HTTP/1.1 408"), answer[:200]
     assert '"type":"timeout"' in answer.replace(" ", "")
+
+
+def test_half_sent_requests_are_closed_and_others_are_served(server):
+    """Connections that send nothing, half a request line or half their headers are closed by Ray's proxy after
+    the header timeout (2 s here: CE_RAY_HEADER_TIMEOUT_S, serve.header_timeout_s), while valid requests on
+    other connections are answered; a kept-alive connection idle longer than that still serves its next request."""
+    import concurrent.futures
+
+    host, port = server.rerank.removeprefix("http://").split(":")
+    partial = [b"", b"POST /rerank HT", f"POST /rerank HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer".encode()]
+    held = [socket.create_connection((host, int(port)), timeout=30) for _ in range(30)]
+    try:
+        for i, sock in enumerate(held):
+            if partial[i % 3]:
+                sock.sendall(partial[i % 3])
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # served meanwhile, on other connections
+            answers = list(pool.map(lambda _: _post(f"{server.rerank}/rerank", {"query": QUERY, "documents": DOCS}, headers=AUTH), range(8)))
+        assert [a.status_code for a in answers] == [200] * 8
+        closed_after = []
+        for sock in held:
+            assert sock.recv(4096) == b""  # closed by the server, without an answer (blocks until then; 30 s cap)
+            closed_after.append(time.monotonic() - started)
+        assert max(closed_after) < 2 + 5, closed_after
+    finally:
+        for sock in held:
+            sock.close()
+
+    import http.client
+
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        answers = []
+        for idle_s in (0, 3):
+            time.sleep(idle_s)  # idle past the header timeout (not a wait for anything): idle is the keep-alive's (5 s)
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            answers.append((response.status, response.read(), connection.sock.getsockname()))
+        assert [a[0] for a in answers] == [200, 200]
+        assert answers[0][2] == answers[1][2]  # the same connection served both
+    finally:
+        connection.close()
 
 
 def test_empty_keys_are_refused_and_open_hosts_warned(model_dirs, monkeypatch):

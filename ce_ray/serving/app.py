@@ -44,6 +44,7 @@ from ce_ray.quality import QUALITY_FILE
 from ce_ray.serving.backends import check_backend
 from ce_ray.serving.ingress import HEALTH_TIMEOUT_S, CrossEncoderAPI
 from ce_ray.serving.model import CrossEncoderModel
+from ce_ray.workarounds.uvicorn_157 import ENV as HEADER_TIMEOUT_ENV
 
 __all__ = [
     "API_KEY_ENV",
@@ -210,6 +211,10 @@ def start_server(
     from ce_ray.runtime import ensure_ray
 
     application = app_builder(cfg)  # validates before touching Ray
+    import ray
+
+    if not ray.is_initialized():  # read by the Serve proxies of the Ray that ensure_ray starts here
+        os.environ[HEADER_TIMEOUT_ENV] = str(cfg.header_timeout_s)
     ensure_ray()
     # Ray's proxy stops a request 5 s after the app's own deadline (the app answers a JSON 504 first).
     # Idle keep-alive connections close after 5 s (uvicorn's own default; Ray's is 90 s).

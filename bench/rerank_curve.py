@@ -1,0 +1,119 @@
+"""Why the CPU budget does not reach the rerank goal: test NDCG@10 against training pairs seen, per lever.
+
+Each lever is one ``ce-ray train`` run of ``jobs/rerank_train_offline.yaml`` on all qa/train questions, stopped
+after ``--pairs`` training pairs (``train.max_steps``), with a checkpoint every ``--pairs / --points`` pairs.
+The run picks nothing: afterwards each kept checkpoint is scored once on the **test half** of qa/dev (the last
+325 queries) to draw the curve. This is a diagnostic plot, never a model choice (runs choose on the tune half).
+The zero-shot bi-encoder the cross-encoder starts from (cosine) is scored on the same test queries.
+
+    python bench/rerank_curve.py                             # the four levers below, 8k pairs each, 4 points
+    python bench/rerank_curve.py --levers base lr_1.5e-4 --pairs 16000 --points 8
+
+Levers (each is the base plus its overrides):
+
+- ``base``: the search best of 2026-11-29: BCE (pos_weight auto), 3 hard negatives (top of the bi-encoder's
+  candidates), lr 4.1e-5, batch 64, max_length 192, bf16 where the CPU has it (``train.precision: auto``);
+- ``random_5``: 5 negatives sampled at random among the top 100 candidates (sentence-transformers' reranker
+  examples), the rest as base;
+- ``lr_1.5e-4``: a larger learning rate for the fresh scoring head;
+- ``lambda_7``: LambdaLoss over lists of 1 positive + 7 hard negatives (listwise, more negatives a query);
+- ``maxlen_128``: cheaper pairs (the dev negatives are short: 90% under 50 tokens).
+
+Prints a Markdown table: per lever, test NDCG@10 / MRR@10 at each point, training samples/s and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+BASE = ["train.loss=BinaryCrossEntropyLoss", "train.learning_rate=4.1e-5", "train.batch_size=64", "model.max_length=192",
+        "data.negatives.num=3", "data.negatives.sampling=top"]  # fmt: skip
+LEVERS = {
+    "base": [],
+    "random_5": ["data.negatives.num=5", "data.negatives.sampling=random"],
+    "lr_1.5e-4": ["train.learning_rate=1.5e-4"],
+    "lambda_7": ["train.loss=LambdaLoss", "data.negatives.num=7"],
+    "maxlen_128": ["model.max_length=128"],
+}
+
+
+def run_lever(name: str, pairs: int, points: int, out: Path, extra: list[str]) -> dict:
+    from ce_ray.config import load_job
+    from ce_ray.quality import evaluate
+    from ce_ray.training import run_training
+    from ce_ray.training.checkpoint import staged_model
+
+    batch = 64
+    steps = max(1, pairs // batch)
+    every = max(1, steps // points)
+    overrides = [
+        f"data.train.path={DATA / 'qa/train.parquet'}", "data.train.select=null",
+        f"data.eval.path={DATA / 'qa/dev.parquet'}", "data.eval.select=120",
+        f"data.test.path={DATA / 'qa/dev.parquet'}", "data.test.offset=325",
+        f"train.max_steps={steps}", f"run.checkpoint_every={every}", f"run.keep_checkpoints={points + 2}",
+        f"run.output_dir={out / name}", f"run.name={name}", "run.final=last", "scaling.cpus_per_worker=2",
+        f"data.cache_dir={out / 'data'}",  # levers with the same mining settings mine once
+        *BASE, *LEVERS[name], *extra,
+    ]  # fmt: skip
+    job = load_job(REPO / "jobs/rerank_train_offline.yaml", overrides)
+    started = time.time()
+    outcome = run_training(job)
+    wall = time.time() - started
+    summary = outcome.summary
+    curve = []
+    for checkpoint, metrics in sorted(outcome.result.best_checkpoints, key=lambda c: c[1].get("step", 0)):
+        step = int(metrics.get("step", 0))
+        with staged_model(checkpoint) as model_dir:
+            test = evaluate(job, model_dir, "test")
+        curve.append({"step": step, "pairs": step * batch, "eval_ndcg@10": metrics.get("eval_ndcg@10"),
+                      "test_ndcg@10": test["ndcg@10"], "test_mrr@10": test["mrr@10"]})  # fmt: skip
+        print(f"{name}: step {step} ({step * batch} pairs): test NDCG@10 {test['ndcg@10']:.4f}", flush=True)
+    return {
+        "lever": name, "overrides": LEVERS[name], "curve": curve, "wall_s": wall,
+        "samples_per_second": summary.get("train_samples_per_second"), "train_rows": summary.get("train_rows"),
+        "baseline_test": (summary.get("baseline") or {}).get("test"),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levers", nargs="+", default=["base", "random_5", "lr_1.5e-4", "lambda_7"], choices=list(LEVERS))
+    parser.add_argument("--pairs", type=int, default=8000, help="training pairs seen per run (steps x batch 64)")
+    parser.add_argument("--points", type=int, default=4, help="checkpoints (curve points) per run")
+    parser.add_argument("--out", default="runs/bench-curve")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set for every run")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.levers:
+        results.append(run_lever(name, args.pairs, args.points, out, args.overrides))
+        (out / "curve.json").write_text(json.dumps(results, indent=2))
+
+    base = next((r["baseline_test"] for r in results if r["baseline_test"]), None)
+    print(f"\ntest half of qa/dev (325 queries); zero-shot bi-encoder: "
+          + (f"NDCG@10 {base['ndcg@10']:.4f}, MRR@10 {base['mrr@10']:.4f}" if base else "n/a"))  # fmt: skip
+    pairs = sorted({p["pairs"] for r in results for p in r["curve"]})
+    print("| lever | " + " | ".join(f"{p:,} pairs" for p in pairs) + " | samples/s | wall |")
+    print("|---|" + "---:|" * (len(pairs) + 2))
+    for r in results:
+        at = {p["pairs"]: p for p in r["curve"]}
+        cells = [f"{at[p]['test_ndcg@10']:.3f} / {at[p]['test_mrr@10']:.3f}" if p in at else "" for p in pairs]
+        sps = r["samples_per_second"]
+        print(f"| {r['lever']} | " + " | ".join(cells) + f" | {sps:.1f} | {r['wall_s'] / 60:.1f} min |" if sps
+              else f"| {r['lever']} | " + " | ".join(cells) + f" | n/a | {r['wall_s'] / 60:.1f} min |")  # fmt: skip
+    print("(cells: test NDCG@10 / MRR@10 of the checkpoint at that many training pairs)")
+
+
+if __name__ == "__main__":
+    main()
