@@ -152,7 +152,8 @@ def test_the_progress_queue_lives_on_the_drivers_node_and_losing_it_never_fails_
     with TrainProgress(Console(plain, plain, verbose=False), "eval_ndcg@10") as progress:
         assert progress.queue.qsize() >= 0  # a call answered: the actor is placed and alive
         deadline = time.monotonic() + 30  # the state API can lag the actor by a moment
-        while (actor := get_actor(progress.queue.actor._actor_id.hex())).state != "ALIVE" and time.monotonic() < deadline:
+        gcs = ray_session.get_runtime_context().gcs_address  # this session's Ray, whatever else runs on the machine
+        while (actor := get_actor(progress.queue.actor._actor_id.hex(), address=gcs)).state != "ALIVE" and time.monotonic() < deadline:
             time.sleep(0.1)
         assert actor.node_id == ray_session.get_runtime_context().get_node_id(), actor
 
