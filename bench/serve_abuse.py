@@ -117,6 +117,25 @@ def run(url: str, burst: int) -> list[dict]:
     rows.append({"input": "100 half-sent bodies", "codes": _codes(answers), "valid alongside": "-",
                  "seconds": time.perf_counter() - started, "peak replica MiB": _peak_mb(url), "largest answer bytes": 0})
 
+    # 100 connections that send half their request headers (Slowloris) and stop: closed by Ray's proxy after
+    # serve.header_timeout_s (ce_ray/workarounds/uvicorn_157.py); code 0 = closed without an answer
+    started = time.perf_counter()
+    socks = []
+    for _ in range(100):
+        s = socket.create_connection((host, int(port)), timeout=60)
+        s.sendall(f"POST /rerank HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer".encode())
+        socks.append(s)
+    answers = []
+    for s in socks:
+        try:
+            data = s.recv(4096)
+            answers.append(int(data.decode().split(" ", 2)[1]) if data else 0)
+        except (OSError, IndexError, ValueError):
+            answers.append(-1)  # still open after 60 s
+        s.close()
+    rows.append({"input": "100 half-sent headers", "codes": _codes(answers), "valid alongside": "-",
+                 "seconds": time.perf_counter() - started, "peak replica MiB": _peak_mb(url), "largest answer bytes": 0})
+
     health = httpx.get(f"{url}/health", timeout=30)
     rows.append({"input": "GET /health without the key", "codes": _codes([health]), "valid alongside": health.text,
                  "seconds": health.elapsed.total_seconds(), "peak replica MiB": _peak_mb(url), "largest answer bytes": len(health.content)})
