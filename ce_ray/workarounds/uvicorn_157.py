@@ -67,9 +67,10 @@ def _headers_done(protocol) -> None:
     _disarm(protocol)
 
 
-def _wrap(cls, timeout: float, headers_complete_after_data=None) -> None:
-    """Wrap ``cls``' connection callbacks. ``headers_complete_after_data(protocol)``: for protocols without a
-    headers-complete callback (h11), tells after ``data_received`` whether the headers are in."""
+def _wrap(cls, timeout: float, headers_in_after_data=None) -> None:
+    """Wrap ``cls``' connection callbacks (once). The headers are known complete from ``on_headers_complete``
+    where the class has that callback (httptools), else from ``headers_in_after_data(protocol)``, asked after
+    each ``data_received`` (h11)."""
     if getattr(cls, "_ce_ray_header_timeout", None) is not None:
         return
     connection_made, data_received = cls.connection_made, cls.data_received
@@ -84,8 +85,8 @@ def _wrap(cls, timeout: float, headers_complete_after_data=None) -> None:
         if getattr(self, "_ce_ray_awaiting_headers", False) and getattr(self, "_ce_ray_header_timer", None) is None:
             _arm(self, timeout)  # the first bytes of the next request on a kept-alive connection
         data_received(self, data)
-        if headers_complete_after_data is not None and getattr(self, "_ce_ray_awaiting_headers", False):
-            if headers_complete_after_data(self):
+        if headers_in_after_data is not None and getattr(self, "_ce_ray_awaiting_headers", False):
+            if headers_in_after_data(self):
                 _headers_done(self)
 
     def lost(self, exc):
@@ -98,6 +99,14 @@ def _wrap(cls, timeout: float, headers_complete_after_data=None) -> None:
 
     cls.connection_made, cls.data_received, cls.connection_lost = made, received, lost
     cls.on_response_complete = response_complete
+    if headers_in_after_data is None:
+        on_headers_complete = cls.on_headers_complete
+
+        def headers_complete(self):
+            _headers_done(self)
+            on_headers_complete(self)
+
+        cls.on_headers_complete = headers_complete
     cls._ce_ray_header_timeout = timeout
 
 
@@ -117,13 +126,4 @@ def install() -> None:
         from uvicorn.protocols.http import httptools_impl
     except ImportError:  # httptools is optional: uvicorn then uses h11
         return
-    cls = httptools_impl.HttpToolsProtocol
-    if getattr(cls, "_ce_ray_header_timeout", None) is None:
-        on_headers_complete = cls.on_headers_complete
-
-        def headers_complete(self):
-            _headers_done(self)
-            on_headers_complete(self)
-
-        cls.on_headers_complete = headers_complete
-        _wrap(cls, timeout)
+    _wrap(httptools_impl.HttpToolsProtocol, timeout)
