@@ -33,7 +33,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TextIO
 
 __all__ = [
@@ -265,16 +265,13 @@ class TrainProgress:
         return self
 
     def __exit__(self, *exc) -> None:
-        # Progress is best effort: whatever happened to the queue, the run's own outcome stands.
-        try:
+        # Progress is best effort: whatever happened to the queue actor (gone: the render thread has stopped),
+        # the run's own outcome stands.
+        with suppress(Exception):
             self.queue.put(None, timeout=30)  # after everything rank 0 sent: the queue is FIFO
-        except Exception:  # noqa: BLE001 - the queue actor is gone; the render thread has stopped
-            pass
         self._thread.join(timeout=60)
-        try:
+        with suppress(Exception):
             self.queue.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
         self.console.end_live()
 
     def _render(self) -> None:

@@ -105,11 +105,11 @@ class Progress(TrainerCallback):
         self._sent = float("-inf")
 
     def _send(self, kind: str, args, state, **fields) -> None:
+        if self.queue is None:
+            return
         samples = (state.global_step - self._first_step) * args.per_device_train_batch_size * self.world_size
         now = time.time()
         self._sent = now
-        if self.queue is None:
-            return
         try:
             self.queue.put_nowait(
                 {"kind": kind, "step": state.global_step, "max_steps": state.max_steps, "t": now,
