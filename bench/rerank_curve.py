@@ -109,9 +109,8 @@ def main() -> None:
     for r in results:
         at = {p["pairs"]: p for p in r["curve"]}
         cells = [f"{at[p]['test_ndcg@10']:.3f} / {at[p]['test_mrr@10']:.3f}" if p in at else "" for p in pairs]
-        sps = r["samples_per_second"]
-        print(f"| {r['lever']} | " + " | ".join(cells) + f" | {sps:.1f} | {r['wall_s'] / 60:.1f} min |" if sps
-              else f"| {r['lever']} | " + " | ".join(cells) + f" | n/a | {r['wall_s'] / 60:.1f} min |")  # fmt: skip
+        sps = f"{r['samples_per_second']:.1f}" if r["samples_per_second"] else "n/a"
+        print(f"| {r['lever']} | " + " | ".join(cells) + f" | {sps} | {r['wall_s'] / 60:.1f} min |")
     print("(cells: test NDCG@10 / MRR@10 of the checkpoint at that many training pairs)")
 
 

@@ -65,6 +65,30 @@ def _peak_mb(url: str) -> float:
     return max(r["peak_rss_mb"] for r in httpx.get(f"{url}/info", headers=AUTH, timeout=60).json()["replicas"])
 
 
+def _half_sent(url: str, name: str, payload: bytes, connections: int = 100) -> dict:
+    """A row: ``connections`` connections each send ``payload`` and stop; the status each gets (0: closed without
+    an answer, -1: no answer and still open after 60 s)."""
+    host, port = url.removeprefix("http://").split(":")
+    started = time.perf_counter()
+    socks = []
+    for _ in range(connections):
+        s = socket.create_connection((host, int(port)), timeout=60)
+        s.sendall(payload)
+        socks.append(s)
+    answers = []
+    for s in socks:
+        try:
+            data = s.recv(4096)
+            answers.append(int(data.decode().split(" ", 2)[1]) if data else 0)
+        except (IndexError, ValueError):
+            answers.append(0)
+        except OSError:
+            answers.append(-1)
+        s.close()
+    return {"input": name, "codes": _codes(answers), "valid alongside": "-", "seconds": time.perf_counter() - started,
+            "peak replica MiB": _peak_mb(url), "largest answer bytes": 0}  # fmt: skip
+
+
 def run(url: str, burst: int) -> list[dict]:
     rows = []
 
@@ -98,43 +122,13 @@ def run(url: str, burst: int) -> list[dict]:
     row("250 docs x 512 tokens (within every limit)", [{"query": QUERY, "documents": [words[:7900] + str(i) for i in range(250)][:250]}])
     rows[-1]["input"] += f" ~{250 * 512:,} tokens"
 
-    # 100 connections that send half a body and stop
+    # 100 connections that send half a body and stop: 408 after serve.body_timeout_s
     host, port = url.removeprefix("http://").split(":")
-    started = time.perf_counter()
-    socks = []
-    for _ in range(100):
-        s = socket.create_connection((host, int(port)), timeout=60)
-        head = f"POST /rerank HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-        s.sendall(head.encode() + b'{"query": ')
-        socks.append(s)
-    answers = []
-    for s in socks:
-        try:
-            answers.append(int(s.recv(4096).decode().split(" ", 2)[1]))
-        except (OSError, IndexError, ValueError):
-            answers.append(0)
-        s.close()
-    rows.append({"input": "100 half-sent bodies", "codes": _codes(answers), "valid alongside": "-",
-                 "seconds": time.perf_counter() - started, "peak replica MiB": _peak_mb(url), "largest answer bytes": 0})
-
+    head = f"POST /rerank HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    rows.append(_half_sent(url, "100 half-sent bodies", head.encode() + b'{"query": '))
     # 100 connections that send half their request headers (Slowloris) and stop: closed by Ray's proxy after
-    # serve.header_timeout_s (ce_ray/workarounds/uvicorn_157.py); code 0 = closed without an answer
-    started = time.perf_counter()
-    socks = []
-    for _ in range(100):
-        s = socket.create_connection((host, int(port)), timeout=60)
-        s.sendall(f"POST /rerank HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer".encode())
-        socks.append(s)
-    answers = []
-    for s in socks:
-        try:
-            data = s.recv(4096)
-            answers.append(int(data.decode().split(" ", 2)[1]) if data else 0)
-        except (OSError, IndexError, ValueError):
-            answers.append(-1)  # still open after 60 s
-        s.close()
-    rows.append({"input": "100 half-sent headers", "codes": _codes(answers), "valid alongside": "-",
-                 "seconds": time.perf_counter() - started, "peak replica MiB": _peak_mb(url), "largest answer bytes": 0})
+    # serve.header_timeout_s (ce_ray/workarounds/uvicorn_157.py)
+    rows.append(_half_sent(url, "100 half-sent headers", f"POST /rerank HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer".encode()))
 
     health = httpx.get(f"{url}/health", timeout=30)
     rows.append({"input": "GET /health without the key", "codes": _codes([health]), "valid alongside": health.text,
