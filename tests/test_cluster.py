@@ -126,9 +126,10 @@ def test_kuberay_rayservice_serves_the_app():
     (service,) = yaml.safe_load_all((REPO / "jobs/k8s/rayservice-serve.yaml").read_text())
     assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
-    (app,) = serve_config["applications"]
+    app, health = serve_config["applications"]
     assert app["import_path"] == "ce_ray.serving:app_builder"
     ServeConfig.model_validate(app["args"])  # the args are the serve: section of a job
+    assert (health["name"], health["route_prefix"], health["args"]) == (app["name"] + "-health", "/health", app["args"])
     assert serve_config["http_options"]["host"] == "0.0.0.0", "the K8s Service must reach the proxy"
     _check_ray_cluster_spec(service["spec"]["rayClusterConfig"])
 

@@ -242,6 +242,24 @@ def test_health_info_and_docs(server):
     assert httpx.get(f"{server.nli}/docs").status_code == 200
 
 
+def test_health_answers_from_its_own_app_and_is_503_while_its_api_is_down(server, model_dirs):
+    """GET /health is served by a one-replica app of its own (a burst on the API's ingress cannot delay it),
+    which answers from Serve's view of its API app: 503 while that app is not running."""
+    from ce_ray.serving import health_builder
+
+    routes = httpx.get(f"{server.rerank}/-/routes").json()
+    assert (routes["/health"], routes["/nli/health"]) == ("test-rerank-health", "test-nli-health")
+    ghost = ServeConfig(model=model_dirs.rerank, model_name="ghost", api_key=KEY)  # no app "ghost" runs
+    server.serve.run(health_builder(ghost), name="ghost-health", route_prefix="/ghost/health")
+    try:
+        answer = httpx.get(f"{server.rerank}/ghost/health")
+        assert (answer.status_code, answer.json()) == (503, {"status": "unavailable"})
+        assert httpx.get(f"{server.rerank}/ghost/health", headers=AUTH).json() == {"status": "unavailable", "model": "ghost"}
+        assert httpx.post(f"{server.rerank}/ghost/health").status_code == 405
+    finally:
+        server.serve.delete("ghost-health")
+
+
 def test_deployment_handle_for_in_cluster_callers(server):
     from ce_ray.serving.api import ApiError, RerankResponse
 
@@ -626,13 +644,17 @@ def test_serve_yaml_is_a_valid_serve_config(model_dirs):
     from ray.serve.schema import ServeDeploySchema
 
     from ce_ray.config import ConfigError
-    from ce_ray.serving import app_builder
+    from ce_ray.serving import app_builder, health_builder
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "serve.yaml").read_text())
     config = ServeDeploySchema.model_validate(raw)
     assert config.applications[0].import_path == "ce_ray.serving:app_builder"
     args = {**config.applications[0].args, "model": model_dirs.rerank}  # the file points at a run dir
     assert isinstance(app_builder(args), Application)
+    health = config.applications[1]  # GET /health from its own app, with the same args
+    assert (health.name, health.route_prefix, health.import_path) == ("ce-ray-health", "/health", "ce_ray.serving:health_builder")
+    assert health.args == config.applications[0].args
+    assert isinstance(health_builder(args), Application)
     with pytest.raises(ConfigError, match="serve.max_documnets: unknown key"):
         app_builder({**args, "max_documnets": 5})
     with pytest.raises(ConfigError, match="serve.model"):

@@ -5,6 +5,7 @@ module         what it holds
 =============  =============================================================================
 ``app``        build, start and stop the application (:func:`start_server`, ``app_builder``)
 ``ingress``    the FastAPI routes: validation, API key, every error mapped to JSON
+``health``     ``GET /health`` from an app of its own, so that a burst on the API cannot delay it
 ``model``      the model deployment: the CrossEncoder(s) of a replica, batching across requests
 ``catalog``    the models an app serves, their names and where they load from
 ``batching``   token-budget forward passes over length-sorted pairs
@@ -20,6 +21,7 @@ from ce_ray.serving.app import (
     API_KEY_ENV,
     APP_NAME,
     app_builder,
+    health_builder,
     metrics_url,
     quality_warning,
     serve_forever,
@@ -32,6 +34,7 @@ __all__ = [
     "API_KEY_ENV",
     "APP_NAME",
     "app_builder",
+    "health_builder",
     "metrics_url",
     "quality_warning",
     "serve_forever",

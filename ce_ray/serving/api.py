@@ -13,6 +13,7 @@ response ``{results: [{index, relevance_score, document?}], model, usage}`` sort
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -42,6 +43,7 @@ __all__ = [
     "check_predict",
     "check_rerank",
     "field_name",
+    "key_ok",
 ]
 
 
@@ -220,6 +222,14 @@ class PredictResponse(BaseModel):
     results: list[PredictResult] = Field(description="One result per pair, in request order.")
     model: str
     usage: PredictUsage
+
+
+def key_ok(expected: str | None, authorization: str | None) -> bool:
+    """Whether an ``Authorization`` header value carries the server's key (always, for a server without one)."""
+    if expected is None:
+        return True
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode())
 
 
 class HealthResponse(BaseModel):

@@ -21,7 +21,8 @@ for bad input; there is no API key on this path::
     labels = handle.predict.remote({"pairs": [["premise", "hypothesis"]]}).result()    # from sync code
 
 An app is two deployments: :class:`~ce_ray.serving.model.CrossEncoderModel` (the model, batching) and
-:class:`~ce_ray.serving.ingress.CrossEncoderAPI` (the FastAPI ingress). Scale with ``num_replicas`` (or
+:class:`~ce_ray.serving.ingress.CrossEncoderAPI` (the FastAPI ingress); ``GET /health`` is a small app of its
+own beside it (:mod:`ce_ray.serving.health`). Scale with ``num_replicas`` (or
 ``auto`` with ``min_replicas``/``max_replicas``/``target_ongoing_requests``), fractional
 ``num_cpus``/``num_gpus`` per replica, ``max_concurrent_requests`` per replica before 503. The API key is
 ``api_key`` or the ``CE_RAY_API_KEY`` environment variable. Binds to ``host`` (127.0.0.1 unless told
@@ -42,6 +43,7 @@ from ce_ray.config import ConfigError, ServeConfig, load_job
 from ce_ray.modeling import is_model_dir, is_remote, locate_model
 from ce_ray.quality import QUALITY_FILE
 from ce_ray.serving.backends import check_backend
+from ce_ray.serving.health import HEALTH_SUFFIX, Health, health_prefix
 from ce_ray.serving.ingress import HEALTH_TIMEOUT_S, CrossEncoderAPI
 from ce_ray.serving.model import CrossEncoderModel
 from ce_ray.workarounds.uvicorn_157 import ENV as HEADER_TIMEOUT_ENV
@@ -181,6 +183,14 @@ def app_builder(args: ServeConfig) -> Application:
     return CrossEncoderAPI.options(**ingress, max_queued_requests=-1).bind(model, cfg)  # -1: Serve's "no limit"
 
 
+def health_builder(args: ServeConfig) -> Application:
+    """The app answering ``GET /health`` for API app ``<name>`` (:mod:`ce_ray.serving.health`); deploy it as
+    ``<name>-health`` at ``<route_prefix>/health``, with the same ``args`` as :func:`app_builder`."""
+    if not isinstance(args, ServeConfig):
+        args = load_job(base={"task": "rerank", "serve": dict(args)}).serve
+    return Health.bind(args.model_copy(update={"api_key": api_key(args)}))
+
+
 def start_server(
     cfg: ServeConfig, name: str = APP_NAME, *, wait: bool = True, access_log: bool = True, timeout_s: float = 180.0
 ) -> str:
@@ -220,10 +230,15 @@ def start_server(
     # Idle keep-alive connections close after 5 s (uvicorn's own default; Ray's is 90 s).
     http = {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s + 5, "keep_alive_timeout_s": 5}
     serve.start(http_options=http, proxy_location=cfg.proxy_location)
-    target = serve.RunTarget(
-        target=application, name=name, route_prefix=cfg.route_prefix, logging_config={"enable_access_log": access_log}
-    )
-    serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    logging_config = {"enable_access_log": access_log}
+    targets = [
+        serve.RunTarget(target=application, name=name, route_prefix=cfg.route_prefix, logging_config=logging_config),
+        serve.RunTarget(
+            target=health_builder(cfg), name=name + HEALTH_SUFFIX, route_prefix=health_prefix(cfg.route_prefix),
+            logging_config=logging_config,
+        ),
+    ]  # fmt: skip
+    serve.run_many(targets, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     url = _base_url(cfg)
     if wait:
         wait_until_ready(url, name, timeout_s)
@@ -231,18 +246,23 @@ def start_server(
 
 
 def wait_until_ready(url: str, name: str = APP_NAME, timeout_s: float = 180.0) -> None:
-    """Block until ``{url}/health`` answers 200; raise RuntimeError if app ``name`` fails to deploy or times out."""
+    """Block until ``{url}/health`` answers 200 and Serve's proxy routes to app ``name``; raise RuntimeError if
+    the app fails to deploy or times out."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
-    while True:  # replicas start and the proxy learns the route asynchronously: poll readiness, bounded
+    proxy = "/".join(url.split("/")[:3])  # scheme://host:port
+    while True:  # replicas start and the proxy learns the routes asynchronously: poll readiness, bounded
         status = serve.status().applications.get(name)
         if status is not None and status.status == "DEPLOY_FAILED":
             raise RuntimeError(f"Serve app {name!r} failed to deploy:\n{status.message}")
-        try:
-            if httpx.get(f"{url}/health", timeout=HEALTH_TIMEOUT_S + 1).status_code == 200:
+        try:  # healthy, and the proxy routes to the API app itself (its /health may be the health app's)
+            if (
+                httpx.get(f"{url}/health", timeout=HEALTH_TIMEOUT_S + 1).status_code == 200
+                and name in httpx.get(f"{proxy}/-/routes", timeout=HEALTH_TIMEOUT_S + 1).json().values()
+            ):
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):
             pass
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url}/health did not answer 200 within {timeout_s:.0f}s")
@@ -265,11 +285,13 @@ def _base_url(cfg: ServeConfig) -> str:
 
 
 def stop_server(name: str | None = None) -> None:
-    """Delete app ``name`` (Serve stays up while other apps run); without a name, shut Serve down."""
+    """Delete app ``name`` and its health app (Serve stays up while other apps run); without a name, shut Serve
+    down."""
     from ce_ray.serving.stats import remove_board
 
     try:
-        names = [name] if name is not None else list(serve.status().applications)
+        running = serve.status().applications
+        names = list(running) if name is None else [a for a in (name, name + HEALTH_SUFFIX) if a in running]
     except Exception:  # Serve is not running
         names = []
     for app in names:

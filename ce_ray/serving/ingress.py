@@ -10,7 +10,6 @@ JSON, 413 over a limit, 404 unknown model, 401 bad key); an overloaded replica g
 """
 
 import asyncio
-import hmac
 import logging
 import time
 
@@ -45,6 +44,7 @@ from ce_ray.serving.api import (
     check_rerank,
     coerce,
     field_name,
+    key_ok,
 )
 from ce_ray.serving.catalog import catalog
 from ce_ray.serving.metrics import IngressMetrics, route_label
@@ -111,14 +111,6 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, "internal_error", "internal error; see the server log")
 
 
-def _key_ok(expected: str | None, authorization: str | None) -> bool:
-    """Whether an ``Authorization`` header value carries the server's key (always, for a server without one)."""
-    if expected is None:
-        return True
-    scheme, _, given = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode())
-
-
 _UNAUTHORIZED = ApiError(
     401,
     "unauthorized",
@@ -136,7 +128,7 @@ async def require_api_key(credentials: HTTPAuthorizationCredentials | None = Dep
     """
     expected = serve.get_replica_context().servable_object.api_key
     given = f"Bearer {credentials.credentials}" if credentials is not None else None
-    if not _key_ok(expected, given):
+    if not key_ok(expected, given):
         raise _UNAUTHORIZED
 
 
@@ -213,7 +205,7 @@ class RequestGuard:
         cfg: ServeConfig = api.cfg
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         is_open = route in _OPEN_PATHS or (route in _DOCS_PATHS and api.docs_public)
-        if not is_open and not _key_ok(api.api_key, headers.get("authorization")):
+        if not is_open and not key_ok(api.api_key, headers.get("authorization")):
             return await _api_error_response(_UNAUTHORIZED, scope, receive, send)
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > cfg.max_body_bytes):
@@ -427,8 +419,9 @@ class CrossEncoderAPI:
     @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}}, tags=["ops"])
     async def health(self, request: Request):
         """200 once a model replica is up (model loaded), else 503. Needs no API key; without it, the
-        answer is only the status (the model's name needs the key)."""
-        name = self.catalog.default if _key_ok(self.api_key, request.headers.get("authorization")) else None
+        answer is only the status (the model's name needs the key). Over HTTP, the app's health app
+        (:mod:`ce_ray.serving.health`) answers this path when it is deployed; this route answers without it."""
+        name = self.catalog.default if key_ok(self.api_key, request.headers.get("authorization")) else None
         if time.monotonic() - self._last_answer > _HEALTH_FRESH_S:
             try:
                 await asyncio.wait_for(self._await(self.model.health.remote()), HEALTH_TIMEOUT_S)
