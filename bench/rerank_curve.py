@@ -17,6 +17,7 @@ Levers (each is the base plus its overrides):
   examples), the rest as base;
 - ``lr_1.5e-4``: a larger learning rate for the fresh scoring head;
 - ``lambda_7``: LambdaLoss over lists of 1 positive + 7 hard negatives (listwise, more negatives a query);
+  a batch is 8 lists, so a step sees 64 pairs as in the other levers;
 - ``maxlen_128``: cheaper pairs (the dev negatives are short: 90% under 50 tokens).
 
 Prints a Markdown table: per lever, test NDCG@10 / MRR@10 at each point, training samples/s and wall time.
@@ -42,7 +43,7 @@ LEVERS = {
     "base": [],
     "random_5": ["data.negatives.num=5", "data.negatives.sampling=random"],
     "lr_1.5e-4": ["train.learning_rate=1.5e-4"],
-    "lambda_7": ["train.loss=LambdaLoss", "data.negatives.num=7"],
+    "lambda_7": ["train.loss=LambdaLoss", "data.negatives.num=7", "train.batch_size=8"],  # 8 lists x 8 = 64 pairs
     "maxlen_128": ["model.max_length=128"],
 }
 
