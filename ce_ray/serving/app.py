@@ -170,9 +170,7 @@ def app_builder(args: ServeConfig) -> Application:
     Raises:
         ConfigError: an unknown or invalid field, or ``model`` missing or not a model directory.
     """
-    if not isinstance(args, ServeConfig):
-        args = load_job(base={"task": "rerank", "serve": dict(args)}).serve
-    cfg = args.model_copy(update={"api_key": api_key(args)})
+    cfg = _config(args)
     _check_model_path(cfg)
     model = CrossEncoderModel.options(**_replica_options(cfg)).bind(cfg)
     # The ingress only awaits the model: it holds many requests cheaply, so that shedding happens at the
@@ -186,9 +184,14 @@ def app_builder(args: ServeConfig) -> Application:
 def health_builder(args: ServeConfig) -> Application:
     """The app answering ``GET /health`` for API app ``<name>`` (:mod:`ce_ray.serving.health`); deploy it as
     ``<name>-health`` at ``<route_prefix>/health``, with the same ``args`` as :func:`app_builder`."""
+    return Health.bind(_config(args))
+
+
+def _config(args: ServeConfig | dict) -> ServeConfig:
+    """A builder's args (a :class:`ServeConfig`, or a Serve config file's dict) validated, with the API key."""
     if not isinstance(args, ServeConfig):
         args = load_job(base={"task": "rerank", "serve": dict(args)}).serve
-    return Health.bind(args.model_copy(update={"api_key": api_key(args)}))
+    return args.model_copy(update={"api_key": api_key(args)})
 
 
 def start_server(
