@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from ce_ray.tasks import LOSS_OPTIONS, LOSSES, TASKS, losses_for
 
@@ -105,6 +105,17 @@ class DataSource(_Section):
         description="Column mapping {name the task expects: name in the file}, e.g. "
         "{query: question, positive: answer}.",
     )
+    name: str | None = Field(
+        None,
+        description="data.train list: the source's name in the console, summary.json and the model card "
+        "(default: the file's name without its extension, or the hub id).",
+    )
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="data.train list with data.mix: weighted: this source's share of the training rows, relative to "
+        "the other sources' weights (default 1); a source is subsampled or repeated to reach it.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -132,6 +143,18 @@ class DataSource(_Section):
             return self.path
         subset = f"/{self.subset}" if self.subset else ""
         return f"hub:{self.hub}{subset}:{self.split}"
+
+    def label(self) -> str:
+        """The source's name for people: ``name``, else the file name without extension, else the hub id."""
+        if self.name:
+            return self.name
+        if self.path is not None:
+            base = self.path.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+            for ext in (".jsonl.gz", ".csv.gz", ".parquet", ".jsonl", ".json", ".csv"):
+                if base.lower().endswith(ext):
+                    return base[: -len(ext)]
+            return base
+        return self.hub + (f"/{self.subset}" if self.subset else "")
 
 
 class NegativesConfig(_Section):
@@ -167,8 +190,30 @@ class NegativesConfig(_Section):
         return self
 
 
+def _one_or_many(value: Any) -> str:
+    return "many" if isinstance(value, list) else "one"
+
+
+# One source or a list of them; the discriminator keeps a bad source's errors to its own shape (no union noise).
+TrainSources = Annotated[
+    Annotated[DataSource, Tag("one")] | Annotated[list[DataSource], Tag("many")], Discriminator(_one_or_many)
+]
+
+
 class DataConfig(_Section):
-    train: DataSource | None = Field(None, description="Training rows (required by train and tune).")
+    train: TrainSources | None = Field(
+        None,
+        description="Training rows (required by train and tune): one source, or a list of sources mixed into one "
+        "training set (data.mix). Each source has its own path/hub, columns, select, offset (and weight); errors "
+        "name it by index (data.train[1]). Mining searches the positives of every source together.",
+    )
+    mix: Literal["concat", "weighted", "proportional", "round_robin"] = Field(
+        "concat",
+        description="How a data.train list becomes one training set: concat = all rows, shuffled together; weighted "
+        "= each source sampled to its weight's share of the rows; proportional / round_robin = every batch from one "
+        "source, sources drawn in proportion to their rows / in turn until the smallest runs out "
+        "(sentence-transformers' multi-dataset batch samplers).",
+    )
     eval: DataSource | None = Field(
         None, description="Evaluation rows, scored before, during and after training (required by train and tune)."
     )
@@ -183,6 +228,28 @@ class DataConfig(_Section):
         None,
         description="Where prepared (validated, shaped, mined) data is cached; default <run.output_dir>/data.",
     )
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_source_list(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) == 0:
+            raise ValueError("an empty list of sources; give one source or a list of them")
+        return value
+
+    @property
+    def train_sources(self) -> list[DataSource]:
+        """``data.train`` as a list (one element for a single source, empty when unset)."""
+        if self.train is None:
+            return []
+        return list(self.train) if isinstance(self.train, list) else [self.train]
+
+    def train_key(self, index: int) -> str:
+        """The config key of training source ``index`` for messages: ``data.train`` or ``data.train[i]``."""
+        return f"data.train[{index}]" if isinstance(self.train, list) else "data.train"
+
+    def describe_train(self) -> str:
+        """The training source(s) for messages: one path, or the paths joined with ' + '."""
+        return " + ".join(src.describe() for src in self.train_sources)
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,6 +755,13 @@ class JobConfig(_Section):
             errors.append("train.precision: fp16 needs a GPU (scaling.use_gpu: true); use bf16 or fp32 on CPU")
         if self.scaling.use_gpu and self.scaling.gpus_per_worker > 1 and not float(self.scaling.gpus_per_worker).is_integer():
             errors.append("scaling.gpus_per_worker: above 1 it must be a whole number of GPUs")
+        if self.data.mix != "weighted":
+            for i, src in enumerate(self.data.train_sources):
+                if src.weight is not None:
+                    errors.append(
+                        f"{self.data.train_key(i)}.weight: weights apply with data.mix: weighted (it is "
+                        f"{self.data.mix}); set data.mix: weighted or remove the weight"
+                    )
         errors.extend(_inline_credentials(self.model_dump(mode="json")))
         if self.serve.num_replicas == "auto" and self.serve.min_replicas > self.serve.max_replicas:
             errors.append("serve.min_replicas: larger than serve.max_replicas")
@@ -808,20 +882,56 @@ _STRING_SECTIONS = {("train", "loss"): "name", ("data", "train"): "path", ("data
 
 
 def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set dotted ``key`` in the raw (unvalidated) config dict, creating sections as needed."""
-    parts = key.split(".")
-    node = raw
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if isinstance(child, str) and tuple(parts[: depth + 1]) in _STRING_SECTIONS:
-            child = {_STRING_SECTIONS[tuple(parts[: depth + 1])]: child}  # 'loss: X' -> {name: X}
-        if child is None:
-            child = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(parts[: depth + 1])}: is a value ({child!r}), so {key} cannot be set")
-        node[part] = child
-        node = child
-    node[parts[-1]] = value
+    """Set dotted ``key`` in the raw (unvalidated) config dict, creating sections as needed.
+
+    A list (``data.train: [a, b]``) takes an index (``data.train.1.select=500``); a key below a list without one
+    applies to every element (``data.train.select=null`` sets ``select`` of each source).
+    """
+    _set(raw, key.split("."), 0, key, value)
+
+
+def _set(node: Any, parts: list[str], depth: int, key: str, value: Any) -> None:
+    part = parts[depth]
+    if isinstance(node, list):
+        if part.isdigit():
+            if int(part) >= len(node):
+                raise ConfigError(f"{'.'.join(parts[:depth])}: has {len(node)} element(s), so {key} cannot be set")
+            indices, depth = [int(part)], depth + 1
+        else:
+            indices = list(range(len(node)))
+        if depth == len(parts):
+            for i in indices:
+                node[i] = value
+            return
+        for i in indices:
+            node[i] = _section(node[i], parts, depth, key)
+            _set(node[i], parts, depth, key, value)
+        return
+    if depth == len(parts) - 1:
+        node[part] = value
+        return
+    node[part] = _section(node.get(part), parts, depth + 1, key)
+    _set(node[part], parts, depth + 1, key, value)
+
+
+def _section(child: Any, parts: list[str], depth: int, key: str) -> Any:
+    """The container at ``parts[:depth]`` made settable: created if absent, a plain string section expanded."""
+    where = tuple(p for p in parts[:depth] if not p.isdigit())
+    if isinstance(child, str) and where in _STRING_SECTIONS:
+        child = {_STRING_SECTIONS[where]: child}  # 'loss: X' -> {name: X}, 'train: x.parquet' -> {path: ...}
+    if child is None:
+        child = {}
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(f"{'.'.join(parts[:depth])}: is a value ({child!r}), so {key} cannot be set")
+    return child
+
+
+def _dotted(loc: list[str]) -> str:
+    """``['data', 'train', '1', 'columns']`` -> ``data.train[1].columns``."""
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if part.isdigit() else (f".{part}" if key else part)
+    return key
 
 
 def _format_errors(exc: ValidationError) -> list[str]:
@@ -830,7 +940,8 @@ def _format_errors(exc: ValidationError) -> list[str]:
         loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in {"function-after[_one_origin(), DataSource]"})]
         # pydantic puts union/validator names in loc; keep only config keys
         loc = [p for p in loc if not p.startswith(("function-", "str", "LossConfig", "DataSource", "literal["))]
-        key = ".".join(loc) or "(root)"
+        loc = [p for p in loc if p not in ("one", "many")]  # the tags of data.train's one-or-many union
+        key = _dotted(loc) or "(root)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `ce-ray validate --keys` lists every key)"

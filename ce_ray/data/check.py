@@ -441,6 +441,7 @@ def check_rows(
     job: JobConfig,
     split: str,
     key: str,
+    described: str | None = None,
 ) -> CheckedRows:
     """Validate rows of one split and bring them to canonical columns.
 
@@ -448,7 +449,8 @@ def check_rows(
         table: rows as read by :func:`read_source`.
         job: the job (task, labels, ``data.drop_invalid``).
         split: ``train``, ``eval`` or ``test``.
-        key: config key for messages (``data.train``).
+        key: config key for messages (``data.train``, ``data.train[1]``).
+        described: the source as messages name it (default: ``data.<split>``'s path or hub id).
 
     Returns:
         :class:`CheckedRows` with canonical columns: nli → premise, hypothesis, label (int64);
@@ -458,6 +460,7 @@ def check_rows(
     Raises:
         DataError: missing columns, or invalid rows while ``data.drop_invalid`` is false.
     """
+    described = described or getattr(job.data, split).describe()
     layout = _layout(job.task, split, table.column_names, key)
     num_rows = table.num_rows
     label_names = {name: i for i, name in enumerate(job.model.labels or [])}
@@ -507,7 +510,7 @@ def check_rows(
     if problems and not job.data.drop_invalid:
         more = f" (and {len(listed) - MAX_LISTED_ROWS} more)" if len(listed) > MAX_LISTED_ROWS else ""
         raise DataError(
-            f"{key}: {len(problems)} invalid row(s) of {num_rows} in {getattr(job.data, split).describe()}: "
+            f"{key}: {len(problems)} invalid row(s) of {num_rows} in {described}: "
             + "; ".join(listed[:MAX_LISTED_ROWS])
             + more
             + ". Fix them, or set data.drop_invalid: true to drop them."
@@ -515,7 +518,7 @@ def check_rows(
     if problems:
         logger.warning("%s: dropped %d invalid row(s) of %d: %s", key, len(problems), num_rows, "; ".join(listed[:MAX_LISTED_ROWS]))
     if len(problems) == num_rows:
-        raise DataError(f"{key}: no valid rows in {getattr(job.data, split).describe()}")
+        raise DataError(f"{key}: no valid rows in {described}")
 
     keep = None
     if problems:

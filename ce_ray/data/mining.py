@@ -45,12 +45,15 @@ def needs_mining(spec: LossSpec, groups: RerankGroups, mode: str) -> bool:
     return mode == "always" and not groups.has_negatives
 
 
-def mine_negatives(groups: RerankGroups, cfg: NegativesConfig, device: str | None = None) -> RerankGroups:
+def mine_negatives(
+    groups: RerankGroups, cfg: NegativesConfig, device: str | None = None, corpus: list[str] | None = None
+) -> RerankGroups:
     """Add hard negatives to positive-only groups with sentence-transformers' ``mine_hard_negatives``.
 
-    Every (query, positive) pair is searched against all positives of the dataset with the bi-encoder
-    ``cfg.model``; candidates that are the query's own positives are excluded by the library.
-    Queries for which too few candidates pass the filters keep only what was found.
+    Every (query, positive) pair is searched against all positives of the dataset (plus ``corpus``, e.g. the
+    positives of other training sources) with the bi-encoder ``cfg.model``; candidates that are the query's own
+    positives are excluded by the library. Queries for which too few candidates pass the filters keep only what
+    was found.
     """
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
@@ -68,11 +71,13 @@ def mine_negatives(groups: RerankGroups, cfg: NegativesConfig, device: str | Non
         raise DataError("data.train: no positive pairs to mine negatives for")
     encoder = SentenceTransformer(resolve_model_name(cfg.model), device=device)
     dataset = Dataset.from_dict({"query": pairs_q, "positive": pairs_p})
+    pool = len(set(pairs_p) | set(corpus or ()))
     mined = mine_hard_negatives(
         dataset,
         encoder,
+        corpus=list(corpus) if corpus else None,
         range_min=cfg.range_min,
-        range_max=min(cfg.range_max, max(len(set(pairs_p)) - 1, 1)),
+        range_max=min(cfg.range_max, max(pool - 1, 1)),
         max_score=cfg.max_score,
         relative_margin=cfg.relative_margin,
         num_negatives=cfg.num,

@@ -89,7 +89,7 @@ def _read_hub(src: DataSource, key: str) -> pa.Table:
 
 def source_fingerprint(src: DataSource) -> dict[str, Any]:
     """What identifies a source's content: its spec plus, for files, size and modification time."""
-    info: dict[str, Any] = src.model_dump(mode="json")
+    info: dict[str, Any] = src.model_dump(mode="json", exclude={"name", "weight"})  # neither changes the rows
     if src.path is not None:
         info["stat"] = stat_fingerprint(src.path)
     return info

@@ -75,14 +75,16 @@ def card_data(job: JobConfig) -> CrossEncoderModelCardData:
     from huggingface_hub import constants
     from sentence_transformers.cross_encoder.model_card import CrossEncoderModelCardData
 
-    train = job.data.train
-    dataset = {"name": _source_name(train)} if train is not None else None
-    if train is not None and train.hub:
-        dataset["id"] = train.hub
+    datasets = []
+    for src in job.data.train_sources:
+        dataset = {"name": _source_name(src)}
+        if src.hub:
+            dataset["id"] = src.hub
+        datasets.append(dataset)
     data = CrossEncoderModelCardData(
         task_name=_task_sentence(job),
         tags=list(_TAGS[job.task]),
-        train_datasets=[dataset] if dataset else [],
+        train_datasets=datasets,
         local_files_only=constants.HF_HUB_OFFLINE,  # offline, no hub look-ups for dataset ids and the base model
     )
     data.base_model = hub_model_id(job.model.name)  # the hub's own lookup (online, hub ids) adds the revision
@@ -127,7 +129,7 @@ def write_model_card(
     data.library_name = "sentence-transformers"
     data.pipeline_tag = PIPELINE_TAGS[job.task]
     data.tags = _merge(data.tags, _TAGS[job.task])
-    hub_ids = _merge([], [s.hub for s in _sources(job).values() if s.hub])
+    hub_ids = _merge([], [s.hub for s in [*job.data.train_sources, *_sources(job).values()] if s.hub])
     data.datasets = hub_ids or None
     data.model_name = data.model_name or f"CrossEncoder based on {base}"
     results = _eval_results(job, quality)
@@ -175,7 +177,24 @@ def _merge(existing: list[str] | None, extra: list[str]) -> list[str]:
 
 
 def _sources(job: JobConfig) -> dict[str, DataSource]:
-    return {split: src for split in _SPLITS if (src := getattr(job.data, split)) is not None}
+    """eval/test (and a single training source) by split; see :func:`_data_rows` for a data.train list."""
+    return {split: src for split in _SPLITS if isinstance(src := getattr(job.data, split), DataSource)}
+
+
+def _data_rows(job: JobConfig, rows: dict[str, Any]) -> list[list[Any]]:
+    """The card's data table: a row per split, and per source of a data.train list (its training rows, then the mix)."""
+    out: list[list[Any]] = []
+    per_source = rows.get("train_sources") or []
+    if isinstance(job.data.train, list):
+        for i, src in enumerate(job.data.train):
+            given = per_source[i] if i < len(per_source) else {}
+            text = f"**{src.label()}**: {_source_text(src)}" + (f", weight {src.weight:g}" if src.weight else "")
+            out.append([f"train[{i}]", text, given.get("rows")])
+        out.append(["train", f"the {len(job.data.train)} sources above, `data.mix: {job.data.mix}`", rows.get("train")])
+    elif job.data.train is not None:
+        out.append(["train", _source_text(job.data.train), rows.get("train")])
+    out += [[s, _source_text(src), rows.get(s)] for s, src in _sources(job).items() if s != "train"]
+    return out
 
 
 def _source_name(src: DataSource) -> str:
@@ -297,7 +316,7 @@ def _run_section(
         "",
         "### Data",
         "",
-        *_table(["split", "source", "rows"], [[s, _source_text(src), rows.get(s)] for s, src in _sources(job).items()]),
+        *_table(["split", "source", "rows"], _data_rows(job, rows)),
         "",
         *_metrics_lines(job, quality, before),
     ]

@@ -33,7 +33,7 @@ from typing import Any
 
 from ce_ray import console, storage
 from ce_ray.config import JobConfig
-from ce_ray.data.prepare import PreparedData, prepare_data, prepare_split
+from ce_ray.data.prepare import PreparedData, prepare_data, prepare_split, sources_text
 from ce_ray.modeling import check_model
 from ce_ray.quality import model_quality, score_baseline
 from ce_ray.runs import check_run_identity
@@ -159,6 +159,7 @@ def summarize(job: JobConfig, result, prepared: PreparedData, workers: list[dict
         "peak_gpu_mem_gib_per_worker": [w.get("peak_gpu_mem_gib") for w in workers],
         "nodes": sorted({w.get("node_id") for w in workers if w.get("node_id")}),
         "train_rows": prepared.train.rows,
+        "train_sources": prepared.train.sources,
         "eval_rows": prepared.eval.rows,
         "dropped_rows": {"train": prepared.train.dropped, "eval": prepared.eval.dropped},
         "train_samples_per_second": rows / step_seconds if step_seconds else None,
@@ -198,6 +199,8 @@ def run_training(job: JobConfig, label: str = "train") -> TrainOutcome:
         f"{label}: {prepared.train.rows} training rows, {prepared.eval.rows} eval rows"
         + (f", {test_split.rows} test rows" if test_split is not None else "")
     )
+    if len(prepared.train.sources or ()) > 1:
+        console.say(f"{label}: training rows per source ({job.data.mix}): {sources_text(prepared.train.sources)}")
     score_baseline(job, prepared.eval, test_split)
 
     # [2] Fit on Ray; rank 0's progress on the console.
@@ -232,7 +235,10 @@ def run_training(job: JobConfig, label: str = "train") -> TrainOutcome:
             quality=quality,
             metrics_before=summary["metrics_before"],
             hyperparameters=summary["hyperparameters"],
-            rows={"train": prepared.train.rows, "eval": prepared.eval.rows, "test": test_split and test_split.rows},
+            rows={
+                "train": prepared.train.rows, "eval": prepared.eval.rows, "test": test_split and test_split.rows,
+                "train_sources": prepared.train.sources,
+            },  # fmt: skip
             step=final_step,
         )
         final_dir = storage.publish_dir(model_dir, storage.join(out, "final"))

@@ -68,6 +68,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # [4] Loss (shaped for the rows) and evaluator (run by rank 0, others lend forward passes).
     loss = build_loss(job.loss, model, train_dataset.data.table)
+    train_dataset = per_source(job, train_dataset)
     evaluator = stats.wrap_evaluator(task.evaluator(eval_rows, job.train.eval_batch_size))
 
     # [5] Arguments: per-worker batch = global batch / world size; resume from Ray's latest checkpoint.
@@ -107,9 +108,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shutil.rmtree(local_dir, ignore_errors=True)
 
 
+def per_source(job: JobConfig, dataset):
+    """``data.mix: proportional | round_robin``: the prepared rows as one dataset per source (by their ``source``
+    column), which the trainer draws batches from with sentence-transformers' multi-dataset batch sampler; else as is."""
+    if "source" not in dataset.column_names:
+        return dataset
+    from datasets import DatasetDict
+
+    index = dataset.data.table.column("source").to_numpy()
+    rows = dataset.remove_columns("source")
+    return DatasetDict(
+        {src.label(): rows.select((index == i).nonzero()[0]) for i, src in enumerate(job.data.train_sources)}
+    )
+
+
 def training_arguments(job: JobConfig, world_size: int, output_dir: str, resuming: bool):
     """``CrossEncoderTrainingArguments`` for one worker of a ``world_size``-worker run."""
-    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
     from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
 
     from ce_ray.training.batching import LengthGroupedBatchSampler
@@ -150,6 +165,9 @@ def training_arguments(job: JobConfig, world_size: int, output_dir: str, resumin
         report_to=[r for r in run.report_to if r != "none"] or "none",  # HF logs from rank 0 only
         disable_tqdm=True,
         batch_sampler=sampler,
+        multi_dataset_batch_sampler=(
+            MultiDatasetBatchSamplers.ROUND_ROBIN if job.data.mix == "round_robin" else MultiDatasetBatchSamplers.PROPORTIONAL
+        ),  # only read for a data.mix that gives one dataset per source (per_source)
         torch_compile=t.compile,
         optim=t.optimizer,
     )

@@ -97,7 +97,7 @@ def _prepare_all(job: JobConfig, space: dict[str, Any], key: str = "tune.search_
         try:
             split = prepare_split(trial, "train")
             for batch in batches:
-                check_batch_fits(split.rows, batch, trial.data.train.describe(), key=f"{key}.train.batch_size = {batch}")
+                check_batch_fits(split.rows, batch, trial.data.describe_train(), key=f"{key}.train.batch_size = {batch}")
         except ConfigError as exc:
             errors.extend(f"{key}.train.loss = {loss!r}: {e}" for e in exc.errors)
     if errors:
@@ -110,8 +110,10 @@ def _has_scores(job: JobConfig) -> bool:
         return False
     from ce_ray.data.read import read_source
 
-    names = set(read_source(job.data.train, "data.train").column_names)
-    return "score" in names or "score" in job.data.train.columns
+    return any(
+        "score" in src.columns or "score" in read_source(src, job.data.train_key(i)).column_names
+        for i, src in enumerate(job.data.train_sources)
+    )
 
 
 def _check_before_ray(job: JobConfig) -> tuple[dict[str, Any], PreparedSplit, PreparedSplit | None]:
