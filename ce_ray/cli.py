@@ -33,8 +33,11 @@ __all__ = ["main"]
 EPILOG = __doc__.split("Examples::", 1)[1]
 VERBOSE_HELP = (
     "train/tune/demo: print Ray's, Hugging Face's and the workers' output here instead of only into "
-    "<run.output_dir>/logs/console.log; -vv: debug logging as well"
+    "<run.output_dir>/logs/console.log; evaluate/predict/rank: print the libraries' INFO logging and "
+    "progress bars before the result; -vv: debug logging as well"
 )
+# The commands that print one result (JSON) and nothing else unless --verbose.
+QUIET = ("evaluate", "predict", "rank")
 
 
 def _add_job_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -279,11 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_progress_bars() -> None:
+    """No tqdm bars in this process: Hugging Face's own (``Loading weights``, downloads) and any other library's."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm reads TQDM_* as its defaults
+    if "transformers" in sys.modules:  # imported already (main() called in-process): it read the variable then
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet = args.command in QUIET and not args.verbose
+    if quiet:  # before any Hugging Face import: their progress bars read these once
+        _quiet_progress_bars()
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose > 1 else logging.INFO,
+        # sentence-transformers shows its "Batches" bars when its logger is at INFO or DEBUG
+        level=logging.DEBUG if args.verbose > 1 else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

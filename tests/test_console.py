@@ -7,6 +7,9 @@ The end-to-end checks (a real ``ce-ray train`` with Ray workers) are in tests/te
 from __future__ import annotations
 
 import io
+import json
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -167,3 +170,37 @@ def test_the_progress_queue_lives_on_the_drivers_node_and_losing_it_never_fails_
         assert callback.queue is None
     assert "train: step 0/4 0%" in plain.getvalue()
     assert "train: live progress stopped (" in plain.getvalue()
+
+
+NOISE = re.compile(r" INFO |\d+%\|")  # a logging record at INFO, a tqdm bar ("Batches:  100%|████| 1/1")
+
+
+def _small_command(tmp_path, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ce_ray.cli", *argv], capture_output=True, text=True, timeout=180,
+                          cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+
+
+def test_rank_predict_and_evaluate_print_only_their_json_unless_verbose(tiny_model, tmp_path):
+    """The one-result commands: the result on stdout, no INFO records or progress bars (issue 23, item 5)."""
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"answer {i}", "negative": [f"other {i}", "no"]}) + "\n" for i in range(4)))
+    commands = {
+        "rank": ["rank", "--model", tiny_model, "--query", "who?", "doc one", "doc two"],
+        "predict": ["predict", "--model", tiny_model, "A man eats", "A man is eating"],
+        "evaluate": ["evaluate", "--model", tiny_model, "--task", "rerank", "--data", str(data)],
+    }
+    results = {}
+    for name, argv in commands.items():
+        proc = _small_command(tmp_path, *argv)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads(proc.stdout)  # nothing but the JSON
+        assert not NOISE.search(proc.stdout + proc.stderr), proc.stdout + proc.stderr
+        assert proc.stderr == "", proc.stderr
+    assert [r["document"] for r in results["rank"]] and len(results["predict"]) == 1
+    assert results["evaluate"]["rows"] == 4 and 0 <= results["evaluate"]["ndcg@10"] <= 1
+
+    # -v: the libraries' logging and progress bars are back on stderr, the result alone on stdout
+    proc = _small_command(tmp_path, *commands["rank"], "-v")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert " INFO sentence_transformers" in proc.stderr and "Batches: 100%|" in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout) == results["rank"]
