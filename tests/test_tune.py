@@ -166,6 +166,10 @@ def test_a_trial_whose_workers_take_every_cpu_still_runs(tiny_model, tmp_path, r
     """The trial's driver holds no CPU, so workers may take all of them (it used to wait forever)."""
     outcome = run_tuning(whole_node_trial(tiny_model, tmp_path, ray_session, "allcpus", rows=64, max_steps=4, checkpoint_every=4))
     assert [t["status"] for t in outcome.trials] == ["COMPLETED"], outcome.trials
+    # the search sampled the learning rate only: the report shows the batch size the trial used (the job's)
+    report_md = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "batch size 16)." in report_md and "batch size )" not in report_md
+    assert re.search(r"^\| \S+ \| COMPLETED \| CrossEntropyLoss \| 0\.001 \| 16 \| ", report_md, re.M), report_md
 
 
 def test_a_trial_whose_driver_crashes_is_retried_on_the_cpus_it_held(tiny_model, tmp_path, ray_session):

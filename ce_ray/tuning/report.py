@@ -4,9 +4,11 @@ Written by :func:`ce_ray.tuning.run_tuning` into ``<output_dir>``:
 
 - ``trials.csv``: trial id, status (COMPLETED, STOPPED_EARLY by the scheduler, ERROR), sampled
   values, loss, final and best metric (and the step of the best), steps, wall time, error;
-- ``report/metric_vs_lr.png``: best metric of each trial against its learning rate, coloured by loss,
-  with the retriever baseline (rerank) as a dashed line;
-- ``report/learning_curves.png``: the metric of every trial over its steps (baseline dashed);
+- ``report/metric_vs_lr.png``: best metric of each trial against its learning rate, with the retriever
+  baseline (rerank) as a dashed line;
+- ``report/learning_curves.png``: the metric of every trial over its steps (baseline dashed); in both
+  plots each trial has a colour and line style of its own (:func:`trial_styles`), its legend entry names
+  the trial and its loss;
 - ``report/report.md`` and ``report/report.html``: the best trial, the refit (``tune.refit``), the
   retriever baseline next to them on eval and test rows with the verdict, and the table of all trials.
 """
@@ -25,7 +27,7 @@ from ce_ray import storage
 from ce_ray.config import LossConfig
 from ce_ray.tasks import best_by, plain_metrics
 
-__all__ = ["trial_rows", "write_report"]
+__all__ = ["trial_rows", "trial_styles", "write_report"]
 
 
 def _loss_label(params: dict[str, Any]) -> str:
@@ -105,23 +107,48 @@ def _baseline_line(ax, best: dict[str, Any], metric: str) -> None:
         ax.axhline(value, color="black", linestyle="--", linewidth=1, label=f"retriever baseline {value:.3f}")
 
 
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = {"COMPLETED": "o", "STOPPED_EARLY": "v", "ERROR": "x", "NOT_STARTED": "."}
+
+
+def trial_styles(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each trial's ``color`` and ``linestyle`` in the plots, in the order of ``rows``: a colour of its own
+    (tab10, tab20 beyond ten trials), then the next line style once the colours are used up."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10" if len(rows) <= 10 else "tab20"]
+    n = palette.N
+    return {r["trial_id"]: {"color": palette(i % n), "linestyle": _LINESTYLES[(i // n) % len(_LINESTYLES)]} for i, r in enumerate(rows)}
+
+
+def _draw_metric_vs_lr(ax, rows: list[dict[str, Any]], metric: str, styles: dict[str, dict[str, Any]]) -> None:
+    """One point per trial (best metric at its learning rate): its colour, a marker for its status."""
+    for r in rows:
+        if r[f"best_{metric}"] is not None and r["learning_rate"]:
+            marker = _MARKERS.get(r["status"], ".")
+            ax.scatter([r["learning_rate"]], [r[f"best_{metric}"]], color=styles[r["trial_id"]]["color"], marker=marker, s=60,
+                       label=f"{r['trial_id']} {r['loss']} ({r['status'].lower()})")  # fmt: skip
+
+
+def _draw_learning_curves(ax, rows: list[dict[str, Any]], metric: str, styles: dict[str, dict[str, Any]]) -> None:
+    """The metric of each trial over its steps, in its colour and line style."""
+    for r in rows:
+        curve = [(s, v) for s, v in r["curve"] if s is not None]
+        if curve:
+            ax.plot(*zip(*curve), marker=".", alpha=0.8, label=f"{r['trial_id']} {r['loss']}", **styles[r["trial_id"]])
+
+
 def _plots(rows: list[dict[str, Any]], metric: str, out_dir: str, best: dict[str, Any]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    losses = sorted({r["loss"] for r in rows})
-    colors = {loss: plt.cm.tab10(i % 10) for i, loss in enumerate(losses)}
-    markers = {"COMPLETED": "o", "STOPPED_EARLY": "v", "ERROR": "x", "NOT_STARTED": "."}
+    styles = trial_styles(rows)
     files = []
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for loss in losses:
-        for status, marker in markers.items():
-            pts = [(r["learning_rate"], r[f"best_{metric}"]) for r in rows if r["loss"] == loss and r["status"] == status and r[f"best_{metric}"] is not None and r["learning_rate"]]
-            if pts:
-                ax.scatter(*zip(*pts), color=colors[loss], marker=marker, s=60, label=f"{loss} ({status.lower()})")
+    _draw_metric_vs_lr(ax, rows, metric, styles)
     _baseline_line(ax, best, metric)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
@@ -135,10 +162,7 @@ def _plots(rows: list[dict[str, Any]], metric: str, out_dir: str, best: dict[str
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        curve = [(s, v) for s, v in r["curve"] if s is not None]
-        if curve:
-            ax.plot(*zip(*curve), marker=".", color=colors[r["loss"]], alpha=0.8, label=f"{r['trial_id']} {r['loss']}")
+    _draw_learning_curves(ax, rows, metric, styles)
     _baseline_line(ax, best, metric)
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
@@ -159,12 +183,13 @@ def _fmt(value: Any) -> str:
 
 
 def _markdown(rows: list[dict[str, Any]], best: dict[str, Any], metric: str, plots: list[str]) -> str:
+    train = (best.get("job") or {}).get("train") or {}  # the values of the keys the search did not sample
+    lr, batch = (best["params"].get(f"train.{k}", train.get(k)) for k in ("learning_rate", "batch_size"))
     lines = [
         "# Hyperparameter search",
         "",
         f"Best trial **{best['trial_id']}**: {metric} = **{_fmt(best['value'])}** at step {best['step']} "
-        f"({best['loss']}, learning rate {_fmt(best['params'].get('train.learning_rate'))}, "
-        f"batch size {best['params'].get('train.batch_size', '')}).",
+        f"({best['loss']}, learning rate {_fmt(lr)}, batch size {_fmt(batch)}).",
     ]
     if "test_metrics" in best:
         lines.append(f"Test: {', '.join(f'{k} {_fmt(v)}' for k, v in best['test_metrics'].items())}.")
@@ -229,8 +254,16 @@ def _html(markdown: str, plots: list[str]) -> str:
     return f"<!doctype html><html><head><meta charset='utf-8'><title>ce-ray search</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
 
 
+def _with_fixed_values(rows: list[dict[str, Any]], best: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows with the learning rate and batch size every trial used when the search did not sample them
+    (the job's ``train.learning_rate``, ``train.batch_size``, as in the best trial's job)."""
+    train = (best.get("job") or {}).get("train") or {}
+    return [{**r, **{k: train.get(k) for k in ("learning_rate", "batch_size") if r.get(k) is None}} for r in rows]
+
+
 def write_report(out_uri: str, rows: list[dict[str, Any]], best: dict[str, Any], metric: str) -> str:
     """Write ``trials.csv`` and ``report/`` under ``out_uri`` (atomically); returns the report location."""
+    rows = _with_fixed_values(rows, best)
     storage.write_bytes(storage.join(out_uri, "trials.csv"), _csv(rows, metric).encode())
     with tempfile.TemporaryDirectory(prefix="ce_ray_report_") as tmp:
         plots = _plots(rows, metric, tmp, best)
