@@ -297,6 +297,7 @@ def test_concurrent_requests_share_model_batches(server):
 # bad input: 4xx with the field named, never a 500
 # --------------------------------------------------------------------------------------------
 TOO_LONG = "x" * (LIMITS["max_text_chars"] + 1)
+DEEP = 30_000  # levels of nesting; Python's json recurses once per level (its limit is about 1,000)
 BAD_RERANK = [
     ({"query": "", "documents": DOCS}, 422, "query"),
     ({"query": "   ", "documents": DOCS}, 422, "query"),
@@ -323,6 +324,15 @@ BAD_RERANK = [
     (b"{not json", 400, "body"),
     (b'{"query": "\xed\xa0\x80", "documents": ["a"]}', 422, "query"),  # raw bytes of a surrogate (json reads them as one)
     (b"", 422, "body"),
+    # nested far past the parsers' recursion (tens of thousands of levels): 400 before any parser sees it
+    (b"[" * DEEP + b"]" * DEEP, 400, "body"),
+    (b'{"a":' * DEEP + b"1" + b"}" * DEEP, 400, "body"),
+    (b'{"query": "q", "documents": ' + b"[" * DEEP + b"]" * DEEP + b"}", 400, "body"),
+    (b'{"query": "q", "documents": ["a"], "x": ' + b'{"a":[' * (DEEP // 2) + b"]}" * (DEEP // 2) + b"}", 400, "body"),
+    (b"[" * DEEP, 400, "body"),  # never closed
+    (b'{"query": "q", "documents": ["a"], "top_n": ' + b"1" * 5000 + b"}", 400, "body"),  # past int()'s 4,300 digits
+    # within the depth limit: validated as usual
+    (b'{"query": "q", "documents": ' + b"[" * 60 + b'"a"' + b"]" * 60 + b"}", 422, "documents.0"),
 ]
 BAD_PREDICT = [
     ({"pairs": []}, 422, "pairs"),
@@ -358,6 +368,53 @@ def test_bad_rerank_request(server, body, status, field):
 @pytest.mark.parametrize(("body", "status", "field"), BAD_PREDICT)
 def test_bad_predict_request(server, body, status, field):
     _assert_error(_send_bad(f"{server.nli}/predict", body), status, field)
+
+
+DEEP_BODIES = [
+    b"[" * DEEP + b"]" * DEEP,
+    b'{"a":' * DEEP + b"1" + b"}" * DEEP,
+    b'{"query": "q", "documents": ["a"], "priority": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+]
+
+
+@pytest.mark.parametrize("route", ["/rerank", "/v1/rerank", "/v2/rerank", "/nli/predict"])
+def test_deeply_nested_json_is_400_on_every_route_and_brackets_in_texts_are_not_nesting(server, route):
+    """JSON nested tens of thousands of levels deep is refused by the depth (serve's MAX_JSON_DEPTH, 64) before
+    a parser recurses through it, on every route; brackets inside strings are text, not nesting."""
+    from ce_ray.serving.ingress import MAX_JSON_DEPTH
+
+    url, headers = (f"{server.nli}/predict", None) if route == "/nli/predict" else (f"{server.rerank}{route}", AUTH)
+    for body in DEEP_BODIES:
+        response = _post(url, content=body, headers=headers)
+        _assert_error(response, 400, "body")
+        assert f"nested more than {MAX_JSON_DEPTH} levels" in response.json()["error"]["message"]
+    brackets = "[{" * 2000  # 4,000 characters of brackets, escaped quotes and backslashes in a text
+    if route == "/nli/predict":
+        fine = _post(url, {"pairs": [[brackets, '\\"[' + brackets], PAIRS[0]]})
+    else:
+        fine = _post(url, {"query": brackets, "documents": ['\\"[' + brackets, *DOCS]}, headers=headers)
+    assert fine.status_code == 200, fine.text
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/xml"]
+)
+def test_a_body_that_is_not_json_by_its_content_type_is_415(server, content_type):
+    """A valid JSON body sent as text/plain (or a form, curl -d's default), or without a Content-Type, is refused
+    (415, a JSON error naming the header and the fix) on every route; JSON and +json types are served."""
+    body = b'{"query": "q", "documents": ["a", "b"]}'
+    for url, headers in ((f"{server.rerank}/rerank", AUTH), (f"{server.rerank}/v2/rerank", AUTH), (f"{server.nli}/predict", {})):
+        if url.endswith("/predict"):
+            body = b'{"pairs": [["a", "b"]]}'
+        response = httpx.post(url, content=body, headers={**headers, "content-type": content_type}, timeout=30)
+        _assert_error(response, 415, "content-type")
+        assert "application/json" in response.json()["error"]["message"]
+        _assert_error(httpx.post(url, content=body, headers=headers, timeout=30), 415, "content-type")  # none sent
+        for served in ("application/json; charset=utf-8", "application/vnd.api+json"):
+            sent = {**headers, "content-type": served}
+            assert httpx.post(url, content=body, headers=sent, timeout=30).status_code == 200, (url, served)
+    # without the key: 401 first, whatever the body's type
+    assert httpx.post(f"{server.rerank}/rerank", content=body, headers={"content-type": "text/plain"}).status_code == 401
 
 
 def test_rerank_on_a_classifier_is_refused(server):

@@ -6,13 +6,15 @@ they reach a replica (the model validates again, for callers that use its handle
 API key every route but /health and /docs needs ``Authorization: Bearer <key>`` (401 otherwise).
 
 Errors: bad input is a 4xx with ``{"error": {type, message, field}}`` (422 invalid field, 400 body not
-JSON, 413 over a limit, 404 unknown model, 401 bad key); an overloaded replica gives 503.
+JSON or nested deeper than :data:`MAX_JSON_DEPTH`, 415 a body whose Content-Type is not JSON, 413 over a
+limit, 404 unknown model, 401 bad key); an overloaded replica gives 503.
 """
 
 import asyncio
 import logging
 import time
 
+import numpy as np
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -63,7 +65,7 @@ app = FastAPI(
     summary="Rerank documents and classify text pairs with a sentence-transformers CrossEncoder.",
     version="1",
 )
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 503)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503)}
 _bearer = HTTPBearer(auto_error=False, description="The server's API key (only when it was started with one).")
 
 
@@ -162,14 +164,46 @@ def _validated(model_cls, body):
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
+MAX_JSON_DEPTH = 64  # arrays/objects nested deeper than this are refused before any parser sees the body
+_BODY_METHODS = ("POST", "PUT", "PATCH")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``body`` nests arrays/objects more than ``limit`` levels deep (brackets inside strings don't count).
+
+    Linear in the body and done in C (bytes methods, one numpy cumsum), without recursion or regex
+    backtracking: ``\\\\`` then ``\\"`` escapes are dropped, the quotes left delimit the strings, and the
+    brackets outside them give the depth. A body that is not valid JSON may be over-counted; it would fail to
+    parse anyway.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:  # the usual case: too few brackets to nest that deep
+        return False
+    outside = b"".join(body.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2])
+    brackets = np.frombuffer(outside.translate(None, _NOT_BRACKETS), dtype=np.uint8)
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return bool(steps.size) and int(steps.cumsum().max()) > limit
+
+
+def _json_content_type(value: str) -> bool:
+    """A request body's Content-Type is JSON: ``application/json`` or ``application/*+json`` (as FastAPI reads it)."""
+    media = value.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 class RequestGuard:
-    """Pure ASGI middleware: the API key, then the body's size and pace, before any parsing or model work.
+    """Pure ASGI middleware: the API key, then the body's type, size, pace and depth, before any parsing or
+    model work.
 
     - the key is checked from the headers, before one byte of the body is read (401);
       ``/health`` is open, the docs are open only with ``serve.docs_public``;
+    - a body whose ``Content-Type`` is not JSON (``text/plain``, a form...) is refused from the headers, and
+      one without a ``Content-Type`` once it is read (415; an empty one is a missing body, 422);
     - ``Content-Length`` over ``serve.max_body_bytes`` is refused at once, and a body (chunked or
       lying about its length) that grows past it is refused while it streams in (413);
-    - a body whose next part does not come within ``serve.body_timeout_s`` is refused (408).
+    - a body whose next part does not come within ``serve.body_timeout_s`` is refused (408);
+    - a body nested more than :data:`MAX_JSON_DEPTH` levels deep is refused before it is parsed (400): JSON
+      parsers recurse once per level.
 
     The body, at most ``max_body_bytes``, is then handed to the app as it came.
     """
@@ -207,6 +241,10 @@ class RequestGuard:
         is_open = route in _OPEN_PATHS or (route in _DOCS_PATHS and api.docs_public)
         if not is_open and not key_ok(api.api_key, headers.get("authorization")):
             return await _api_error_response(_UNAUTHORIZED, scope, receive, send)
+        has_body = scope.get("method") in _BODY_METHODS
+        content_type = headers.get("content-type")
+        if has_body and content_type is not None and not _json_content_type(content_type):
+            return await _api_error_response(_not_json(content_type), scope, receive, send)
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > cfg.max_body_bytes):
             return await _api_error_response(_body_too_large(cfg, declared), scope, receive, send)
@@ -224,6 +262,16 @@ class RequestGuard:
                 return await _api_error_response(_body_too_large(cfg, None), scope, receive, send)
             if not message.get("more_body", False):
                 break
+        if has_body and content_type is None and body.strip():  # an empty body stays a missing body (422)
+            return await _api_error_response(_not_json(None), scope, receive, send)
+        if has_body and json_too_deep(bytes(body)):
+            error = ApiError(
+                400,
+                "invalid_json",
+                f"body: JSON nested more than {MAX_JSON_DEPTH} levels deep (arrays or objects); flatten it",
+                field="body",
+            )
+            return await _api_error_response(error, scope, receive, send)
         replayed = False
 
         async def replay():
@@ -234,6 +282,16 @@ class RequestGuard:
             return await receive()  # after the body: wait for the disconnect, as the server would say it
 
         return await self.app(scope, replay, send)
+
+
+def _not_json(content_type: str | None) -> ApiError:
+    given = "missing" if content_type is None else f"{content_type[:100]!r} is not JSON"
+    return ApiError(
+        415,
+        "unsupported_media_type",
+        f"content-type: {given}; send the body as JSON with 'Content-Type: application/json'",
+        field="content-type",
+    )
 
 
 def _body_too_large(cfg: ServeConfig, declared: str | None) -> ApiError:
