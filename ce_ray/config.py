@@ -578,7 +578,9 @@ class ServeConfig(_Section):
     )
     model_name: str | None = Field(
         None,
-        description="Name the API reports and accepts in a request's 'model' field; default: serve.model as given.",
+        description="Name the API reports and accepts in a request's 'model' field (serve.model's path is accepted "
+        "too, never shown); default: the model directory's name (runs/rerank -> rerank; a train/tune output's "
+        "best/ or final/ by its output dir: runs/rerank-tune/best -> rerank-tune).",
     )
     max_batch_size: int = Field(128, ge=1, description="Pairs the model scores per forward pass (across requests).")
     max_batch_tokens: int | None = Field(

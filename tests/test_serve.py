@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -417,8 +418,77 @@ def test_a_body_that_is_not_json_by_its_content_type_is_415(server, content_type
     assert httpx.post(f"{server.rerank}/rerank", content=body, headers={"content-type": "text/plain"}).status_code == 401
 
 
-def test_rerank_on_a_classifier_is_refused(server):
-    _assert_error(_post(f"{server.nli}/rerank", {"query": QUERY, "documents": DOCS}), 400, "model")
+def test_rerank_on_a_classifier_is_refused(server, model_dirs):
+    response = _post(f"{server.nli}/rerank", {"query": QUERY, "documents": DOCS})
+    _assert_error(response, 400, "model")
+    assert "'nli'" in response.json()["error"]["message"] and model_dirs.nli not in response.text
+
+
+# --------------------------------------------------------------------------------------------
+# model names: what clients see and send; paths are accepted, never shown
+# --------------------------------------------------------------------------------------------
+def test_a_model_is_called_by_its_directory_name_and_its_path_is_an_alias(server, model_dirs):
+    """The NLI app was started with serve.model = its directory and no serve.model_name: it is called "nli"
+    (the directory's name) in answers, /info and errors; the path it was started with (or that path resolved)
+    still names it in a request. serve.model_name ("tiny-reranker") stays an explicit name."""
+    for model in ("nli", model_dirs.nli, model_dirs.nli + "/"):
+        response = _post(f"{server.nli}/predict", {"pairs": PAIRS, "model": model})
+        assert response.status_code == 200 and response.json()["model"] == "nli", (model, response.text)
+    info = httpx.get(f"{server.nli}/info", params={"model": model_dirs.nli}).json()
+    assert info["model"] == "nli"
+    assert [(m["name"], m["default"]) for m in info["models"]] == [("nli", True)]
+    unknown = _post(f"{server.nli}/predict", {"pairs": PAIRS, "model": "nope"})
+    _assert_error(unknown, 404, "model")
+    assert "this server serves 'nli'" in unknown.json()["error"]["message"]
+
+    import cohere
+
+    v2 = cohere.ClientV2(api_key=KEY, base_url=server.rerank, max_retries=0)
+    by_name = v2.rerank(model="tiny-reranker", query=QUERY, documents=DOCS)
+    by_path = v2.rerank(model=model_dirs.rerank, query=QUERY, documents=DOCS)  # the path: an alias
+    assert [r.index for r in by_path.results] == [r.index for r in by_name.results]
+    assert _post(f"{server.rerank}/rerank", {"query": QUERY, "documents": DOCS, "model": model_dirs.rerank},
+                 headers=AUTH).json()["model"] == "tiny-reranker"  # fmt: skip
+
+
+def test_default_names_come_from_the_directory_and_every_path_spelling_is_an_alias(tmp_path):
+    from ce_ray.serving.catalog import catalog, default_name
+
+    assert default_name("runs/rerank") == "rerank"
+    assert default_name("/abs/runs/rerank-tune/best") == "rerank-tune"  # a train/tune output's chosen model
+    assert default_name("runs/legal/final/") == "legal"
+    assert default_name("s3://bucket/runs/medical") == "medical"
+    assert default_name("cross-encoder/ms-marco-MiniLM-L6-v2") == "ms-marco-MiniLM-L6-v2"
+    assert default_name("bundled:all-MiniLM-L6-v2") == "bundled:all-MiniLM-L6-v2"
+    model = _tiny_dir(tmp_path)  # a model dir inside a tune output's best/
+    output = tmp_path / "rerank-tune"
+    (output).mkdir()
+    model.rename(output / "best")
+    served = catalog(ServeConfig(model=str(output)))
+    assert served.names == ["rerank-tune"]
+    for alias in ("rerank-tune", str(output), str(output / "best")):
+        assert served.resolve(alias) == "rerank-tune", alias
+    assert catalog(ServeConfig(model=str(output), model_name="mine")).resolve(str(output)) == "mine"
+    several = catalog(ServeConfig(models={"a": str(output), "b": "s3://bucket/b"}))
+    assert [several.resolve(n) for n in ("a", "b", str(output / "best"), "s3://bucket/b", "nope")] == ["a", "b", "a", "b", None]
+
+
+def test_paths_are_shown_only_to_a_caller_with_the_key(server, model_dirs):
+    """With an API key /info (which needs it) gives each model's path; without a key on the server, /info is
+    anyone's, so it gives names only; no error answer of either app names a path."""
+    info = httpx.get(f"{server.rerank}/info", headers=AUTH).json()
+    assert info["model_path"] == model_dirs.rerank
+    assert [(m["name"], m["path"]) for m in info["models"]] == [("tiny-reranker", model_dirs.rerank)]
+    open_info = httpx.get(f"{server.nli}/info")
+    assert open_info.json()["model_path"] is None and open_info.json()["models"][0]["path"] is None
+    root = str(Path(model_dirs.rerank).parent)
+    assert root not in open_info.text
+    answers = [_send_bad(f"{server.rerank}/rerank", body, AUTH) for body, _, _ in BAD_RERANK]
+    answers += [_send_bad(f"{server.nli}/predict", body) for body, _, _ in BAD_PREDICT]
+    answers += [httpx.get(f"{server.rerank}/info", params={"model": "x"}, headers=AUTH), httpx.get(f"{server.nli}/info", params={"model": "x"})]
+    assert all(400 <= a.status_code < 500 for a in answers)
+    leaked = [a.text for a in answers if root in a.text]
+    assert not leaked, leaked[:2]
 
 
 def test_unknown_route_is_json_404(server):

@@ -287,8 +287,11 @@ def test_several_models_are_loaded_on_demand_with_an_lru_bound(serve_up, reranke
         assert unknown.status_code == 404 and unknown.json()["error"]["field"] == "model"
         assert "'a', 'b', 'c'" in unknown.json()["error"]["message"]
 
-        info = _info(url, model="c")  # after a, b, c, a: the replica keeps the two used last
-        assert info["model"] == "c" and info["model_path"] == models["c"]
+        assert httpx.post(f"{url}/rerank", json={"query": QUERY, "documents": DOCS, "model": models["c"]},
+                          timeout=60).json()["model"] == "c"  # a model's path is an alias of its name  # fmt: skip
+        info = _info(url, model="a")
+        assert info["model"] == "a" and info["model_path"] is None  # no API key: /info is anyone's, no paths
+        info = _info(url, model="c")  # after a, b, c, a, c, a: the replica keeps the two used last
         assert info["replicas"][0]["models"] == ["a", "c"]
         assert [(m["name"], m["default"], m["loaded_on"]) for m in info["models"]] == [
             ("a", True, 1), ("b", False, 0), ("c", False, 1)

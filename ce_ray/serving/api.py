@@ -84,8 +84,8 @@ class FieldError(BaseModel):
 
 class ErrorDetail(BaseModel):
     type: str = Field(
-        description="invalid_request, invalid_json, too_large, unauthorized, model_not_found, "
-        "wrong_model_kind, not_found, overloaded or internal_error."
+        description="invalid_request, invalid_json, unsupported_media_type, too_large, timeout, unauthorized, "
+        "model_not_found, wrong_model_kind, not_found, overloaded or internal_error."
     )
     message: str = Field(description="What was wrong, naming the field.")
     field: str | None = Field(None, description="The (first) field at fault; 'body' for the body as a whole.")
@@ -137,7 +137,8 @@ class _Request(BaseModel):
 
     model: StrictStr | None = Field(
         None,
-        description="Model to use. Optional; when given it must name the served model (see GET /info), else 404.",
+        description="Model to use. Optional; when given it must name a served model (its name in GET /info, or "
+        "the path it was started with), else 404.",
     )
 
 
@@ -279,14 +280,20 @@ class ServeTotals(BaseModel):
 
 class ServedModel(BaseModel):
     name: str
-    path: str = Field(description="Directory (or URI) the model loads from.")
+    path: str | None = Field(
+        None, description="Directory (or URI) the model loads from; shown only when the server has an API key."
+    )
     default: bool = Field(description="Requests that name no model get this one.")
     loaded_on: int = Field(description="Live replicas that hold it loaded now.")
 
 
 class InfoResponse(BaseModel):
     model: str = Field(description="Name of the model described below (the default, or GET /info?model=NAME).")
-    model_path: str = Field(description="Directory (or hub id) the model was loaded from.")
+    model_path: str | None = Field(
+        None,
+        description="Directory (or hub id) the model was loaded from; shown only when the server has an API key "
+        "(then every caller of /info has it), null on a server without one.",
+    )
     task: str = Field(description="rerank (1 output: use /rerank) or nli/classification (use /predict).")
     num_labels: int
     labels: list[str] | None = Field(None, description="Class names, index = label id (classifiers).")

@@ -43,6 +43,7 @@ from ce_ray.config import ConfigError, ServeConfig, load_job
 from ce_ray.modeling import is_model_dir, is_remote, locate_model
 from ce_ray.quality import QUALITY_FILE
 from ce_ray.serving.backends import check_backend
+from ce_ray.serving.catalog import catalog
 from ce_ray.serving.health import HEALTH_SUFFIX, Health, health_prefix
 from ce_ray.serving.ingress import HEALTH_TIMEOUT_S, CrossEncoderAPI
 from ce_ray.serving.model import CrossEncoderModel
@@ -327,7 +328,7 @@ def serve_forever(cfg: ServeConfig) -> None:
         if warning:
             print(warning, file=sys.stderr, flush=True)
     url = start_server(cfg)
-    served = cfg.model_name or cfg.model or ", ".join(f"{n}={m}" for n, m in cfg.models.items())
+    served = ", ".join(f"{n} ({m})" for n, m in catalog(cfg).locations.items())  # names clients use, and their dirs
     print(f"serving {served} at {url}  (API docs: {url}/docs; Ctrl-C to stop)", flush=True)
     metrics = metrics_url()
     if metrics:

@@ -495,7 +495,8 @@ class CrossEncoderAPI:
     )
     async def info(self, model: str | None = None) -> InfoResponse:
         """The model (the default, or ``?model=NAME``): its task, max length and limits; every model the app
-        serves; every live replica's counters (each at most about 1 s old) and their totals."""
+        serves (by name; their paths only on a server with an API key); every live replica's counters (each at
+        most about 1 s old) and their totals."""
         name = self.catalog.resolve(model)
         if name is None:
             raise ApiError(404, "model_not_found", f"model: {model[:100]!r} is not served here", field="model")
@@ -515,11 +516,14 @@ class CrossEncoderAPI:
         replicas = [r for r in replicas if r.replica != answering.replica] + [answering]
         replicas.sort(key=lambda r: r.replica)
         loaded = [m for r in replicas for m in r.models]
+        # Where models live only for a caller with the key: with one, /info needs it; without one, anyone may ask.
+        paths = self.api_key is not None
         models = [
-            ServedModel(name=n, path=path, default=n == self.catalog.default, loaded_on=loaded.count(n))
+            ServedModel(name=n, path=path if paths else None, default=n == self.catalog.default, loaded_on=loaded.count(n))
             for n, path in self.catalog.locations.items()
         ]
-        return answer.model_copy(update={"models": models, "replicas": replicas, "totals": ServeTotals.of(replicas)})
+        update = {"models": models, "replicas": replicas, "totals": ServeTotals.of(replicas)}
+        return answer.model_copy(update=update if paths else {**update, "model_path": None})
 
     @staticmethod
     async def _await(response):
