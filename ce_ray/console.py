@@ -12,6 +12,8 @@ original descriptors it kept:
   (an actor, so it works across nodes); a carriage return redraws it on a terminal, and without one
   (CI, ``ray job submit`` logs) it prints a plain line at each evaluation and at most every
   :data:`PLAIN_EVERY_S` seconds in between;
+- :class:`SearchProgress` the same line for every trial of a search (``trial <id>: step ...``): one queue
+  for the search, rank 0 of each trial sends its events through a :class:`TrialEvents` that tags them;
 - :class:`TuneBoard` one line per finished trial and a live line with trials done/total and the best so far;
 - :func:`train_summary`, :func:`tune_summary` the final report of a run.
 
@@ -38,11 +40,14 @@ from typing import Any, TextIO
 
 __all__ = [
     "Console",
+    "SearchProgress",
     "TrainProgress",
+    "TrialEvents",
     "TuneBoard",
     "active",
     "log_path",
     "say",
+    "search_progress",
     "session",
     "train_progress",
     "train_summary",
@@ -335,6 +340,42 @@ class TrainProgress:
 def train_progress(metric: str, label: str = "train") -> TrainProgress | None:
     """A :class:`TrainProgress` for the running session, or None outside one (then nothing is sent)."""
     return TrainProgress(_active, metric, label) if _active is not None else None
+
+
+class TrialEvents:
+    """What a trial's rank 0 puts its :class:`ce_ray.training.callbacks.Progress` events on: the search's
+    queue, each event tagged with the trial's id (``"trial"``). Plain values only: it travels to the workers."""
+
+    def __init__(self, queue, trial_id: str):
+        self.queue, self.trial_id = queue, trial_id
+
+    def put_nowait(self, event: dict[str, Any]) -> None:
+        self.queue.put_nowait({**event, "trial": self.trial_id})
+
+
+class SearchProgress(TrainProgress):
+    """The driver's end of every trial's training progress in a search (a context manager around ``tuner.fit()``).
+
+    One queue for the search (:class:`TrainProgress`'s, on the driver's node); each event carries its trial
+    id (:class:`TrialEvents`) and goes to a :class:`TrainProgress` of that trial, headed ``trial <id>``
+    (the id :class:`TuneBoard`'s lines name): its steps between evaluations, its evaluations and its end,
+    in the lines ``ce-ray train`` prints.
+    """
+
+    def __init__(self, console: Console, metric: str):
+        super().__init__(console, metric, label="tune")
+        self.trials: dict[str, TrainProgress] = {}
+
+    def show(self, event: dict[str, Any]) -> None:
+        trial_id = event["trial"]
+        if trial_id not in self.trials:
+            self.trials[trial_id] = TrainProgress(self.console, self.metric, label=f"trial {trial_id}")
+        self.trials[trial_id].show(event)
+
+
+def search_progress(metric: str) -> SearchProgress | None:
+    """A :class:`SearchProgress` for the running session, or None outside one (then nothing is sent)."""
+    return SearchProgress(_active, metric) if _active is not None else None
 
 
 # --------------------------------------------------------------------------------------------

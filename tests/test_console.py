@@ -88,6 +88,28 @@ def test_the_search_prints_a_line_per_trial_and_the_best_so_far():
     assert lines[7].startswith("tune: 2/3 trials done, 1 running  best ndcg@10 0.7000 (trial b)")
 
 
+def test_a_search_shows_each_trials_progress_as_train_does_headed_by_the_trial():
+    """rank 0 of each trial tags its events with the trial id (TrialEvents, through the real queue in
+    tests/test_tune.py); each trial gets train's line of its own."""
+    from ce_ray.console import SearchProgress
+
+    sent = [{**event, "trial": trial_id} for trial_id, t0 in (("a1", 1000.0), ("b2", 1002.0)) for event in events(t0)]
+    plain = io.StringIO()
+    progress = SearchProgress(Console(plain, plain, verbose=False), "eval_ndcg@10")
+    for event in sorted(sent, key=lambda e: e["t"]):  # the two trials' events, interleaved
+        progress.show(event)
+    lines = plain.getvalue().splitlines()
+    for trial_id in ("a1", "b2"):
+        mine = [line for line in lines if line.startswith(f"trial {trial_id}: ")]
+        assert mine == [
+            f"trial {trial_id}: step 0/20 0%",
+            f"trial {trial_id}: eval at step 0/20: ndcg@10 0.2178",
+            f"trial {trial_id}: step 10/20 50%  loss 1.0441  lr 1.20e-05  ndcg@10 0.2178  20.0 samples/s  ETA 0:25",
+            f"trial {trial_id}: eval at step 10/20: ndcg@10 0.2798 (start 0.2178)",
+        ]
+    assert len(lines) == 8
+
+
 SESSION = """
 import logging, os, sys
 from ce_ray import console

@@ -317,6 +317,16 @@ def test_rerank_search_resumes_after_the_driver_is_killed(tiny_model, qa_files, 
     ran = [line for line in console if line.startswith("trial ") and " finished at step 12/12: " in line]
     assert len(ran) == 3 - len(finished), console
     assert any(line.startswith(f"best model: {out / 'best'}") for line in console), console
+    # Each trial it ran showed its rank 0's progress in the lines of ce-ray train, headed by the trial id: a step
+    # line (the start, then every 10 s on a plain console) before the trial's first evaluation and before that
+    # round reached Tune's results, and its last step when its training ended.
+    for line in ran:
+        head = f"trial {line.split()[1]}: "
+        steps = [i for i, text in enumerate(console) if re.match(rf"{re.escape(head)}step \d+/12 \d+%", text)]
+        evals = [i for i, text in enumerate(console) if text.startswith(head + "eval at step ")]
+        board = [i for i, text in enumerate(console) if text.startswith("tune: ") and f" {head[:-2]} at step " in text]
+        assert steps and evals and board and steps[0] < evals[0] < board[0], console
+        assert console[steps[-1]].startswith(head + "step 12/12 100%") and " done in " in console[steps[-1]], console
     noise = ("Started a local Ray instance", "Trial status", "RayTrainWorker", "TrainController")
     assert not any(n in second.stdout + second.stderr for n in noise), second.stdout[-3000:] + second.stderr[-3000:]
     assert all(n in (out / "logs" / "console.log").read_text() for n in noise)

@@ -89,7 +89,8 @@ class EarlyStopping(TrainerCallback):
 
 class Progress(TrainerCallback):
     """Rank 0's progress for the driver's console: events on a ``ray.util.queue.Queue`` (see
-    :class:`ce_ray.console.TrainProgress` for their fields).
+    :class:`ce_ray.console.TrainProgress` for their fields; in a search, a :class:`ce_ray.console.TrialEvents`
+    that tags them with the trial id).
 
     Sent at the start and end of training, at every logging step (loss, learning rate), every
     evaluation (the metrics) and otherwise at most every ``every_s`` seconds, so a long step costs

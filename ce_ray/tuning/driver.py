@@ -9,7 +9,9 @@ How it fits together (Train V2 pattern): each trial is a small driver function t
 sampled values to the job and calls :func:`ce_ray.training.make_trainer`, so a trial is itself a
 (multi-worker, DDP) training run. ``TuneReportCallback`` forwards every evaluation (each
 ``run.checkpoint_every`` steps) to Tune, so ASHA can stop weak trials early; the trial's run name
-is its trial id, so a restarted trial resumes its own checkpoints.
+is its trial id, so a restarted trial resumes its own checkpoints. In a console session, rank 0 of each
+trial sends its step progress through one queue of the driver's (:class:`ce_ray.console.SearchProgress`),
+printed as ``ce-ray train`` prints it, headed by the trial id.
 
 Features, with the key that controls each:
 
@@ -41,6 +43,7 @@ Features, with the key that controls each:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -139,8 +142,9 @@ def _trial_stats_dir(trials_dir: str, trial_id: str) -> str:
     return storage.join(trials_dir, _trial_name(trial_id), "workers")
 
 
-def _trial_driver(params: dict[str, Any], base_job: dict[str, Any], trials_dir: str) -> None:
-    """One trial: a Ray Train run of the base job with ``params`` applied."""
+def _trial_driver(params: dict[str, Any], base_job: dict[str, Any], trials_dir: str, progress=None) -> None:
+    """One trial: a Ray Train run of the base job with ``params`` applied; ``progress``: the queue of the
+    console's :class:`~ce_ray.console.SearchProgress` (or None), rank 0's events tagged with the trial id."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -158,6 +162,7 @@ def _trial_driver(params: dict[str, Any], base_job: dict[str, Any], trials_dir: 
         stats_dir=_trial_stats_dir(trials_dir, trial_id),
         log_dir=storage.join(trials_dir, _trial_name(trial_id), "tensorboard"),
         callbacks=[TuneReportCallback()],
+        progress=console.TrialEvents(progress, trial_id) if progress is not None else None,
     )
     trainer.fit()
 
@@ -184,8 +189,9 @@ def _rounds_upper_bound(job: JobConfig, space: dict[str, Any], train_rows: int) 
     return max(job.tune.grace_period, math.ceil(steps / job.run.checkpoint_every) + 1)
 
 
-def _tuner(job: JobConfig, space: dict[str, Any], metric: str, mode: str):
-    """The ``Tuner`` of this job: restored when ``run.name`` already has an experiment, else a new one."""
+def _tuner(job: JobConfig, space: dict[str, Any], metric: str, mode: str, progress=None):
+    """The ``Tuner`` of this job: restored when ``run.name`` already has an experiment, else a new one;
+    ``progress``: the queue the trials' rank 0 send their progress to (or None)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -196,7 +202,7 @@ def _tuner(job: JobConfig, space: dict[str, Any], metric: str, mode: str):
     trials_dir = storage.join(out, f"{job.run.name}-trials")
     base = job.to_dict()
     trainable = tune.with_resources(
-        tune.with_parameters(_trial_driver, base_job=base, trials_dir=trials_dir), DRIVER_RESOURCES
+        tune.with_parameters(_trial_driver, base_job=base, trials_dir=trials_dir, progress=progress), DRIVER_RESOURCES
     )
     experiment = storage.join(out, job.run.name)
     if tune.Tuner.can_restore(experiment):
@@ -371,9 +377,11 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
     check_run_identity(job, "tune", started=storage.exists(experiment))
     space, eval_split, test_split = _check_before_ray(job)
 
-    # [2] The experiment.
+    # [2] The experiment; each trial's rank 0 progress on the console, as ce-ray train shows it.
     ensure_ray()
-    results = _tuner(job, space, metric, mode).fit()
+    progress = console.search_progress(metric)
+    with progress or contextlib.nullcontext():
+        results = _tuner(job, space, metric, mode, progress.queue if progress else None).fit()
 
     # [3] The best trial, and its refit on all the data (tune.refit).
     trials = report.trial_rows(results, metric, mode, space)
