@@ -59,6 +59,17 @@ def test_a_batch_size_the_search_did_not_sample_shows_as_the_value_every_trial_u
     assert "batch size 24)" in html
 
 
+def test_a_loss_the_search_did_not_sample_shows_as_the_jobs(tmp_path):
+    rows, best = search(tmp_path)
+    rows = [{**r, "loss": "", "params": {"train.learning_rate": r["learning_rate"]}} for r in rows]
+    best = {**best, "loss": "", "params": rows[0]["params"]}
+    report.write_report(str(tmp_path), rows, best, METRIC)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "at step 20 (BinaryCrossEntropyLoss, learning rate 0.0001, batch size 24)." in md, md
+    table = [line for line in md.splitlines() if line.startswith("| a_0000")]
+    assert [line.split(" | ")[2] for line in table] == ["BinaryCrossEntropyLoss"] * 3, table
+
+
 def test_each_trial_has_a_colour_and_line_style_of_its_own_and_its_legend_names_trial_and_loss(tmp_path):
     rows, _ = search(tmp_path)
     styles = report.trial_styles(rows)

@@ -185,11 +185,12 @@ def _fmt(value: Any) -> str:
 def _markdown(rows: list[dict[str, Any]], best: dict[str, Any], metric: str, plots: list[str]) -> str:
     train = (best.get("job") or {}).get("train") or {}  # the values of the keys the search did not sample
     lr, batch = (best["params"].get(f"train.{k}", train.get(k)) for k in ("learning_rate", "batch_size"))
+    loss = best["loss"] or _loss_label({"train.loss": train.get("loss")})
     lines = [
         "# Hyperparameter search",
         "",
         f"Best trial **{best['trial_id']}**: {metric} = **{_fmt(best['value'])}** at step {best['step']} "
-        f"({best['loss']}, learning rate {_fmt(lr)}, batch size {_fmt(batch)}).",
+        f"({loss}, learning rate {_fmt(lr)}, batch size {_fmt(batch)}).",
     ]
     if "test_metrics" in best:
         lines.append(f"Test: {', '.join(f'{k} {_fmt(v)}' for k, v in best['test_metrics'].items())}.")
@@ -255,10 +256,12 @@ def _html(markdown: str, plots: list[str]) -> str:
 
 
 def _with_fixed_values(rows: list[dict[str, Any]], best: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows with the learning rate and batch size every trial used when the search did not sample them
-    (the job's ``train.learning_rate``, ``train.batch_size``, as in the best trial's job)."""
+    """The rows with the loss, learning rate and batch size every trial used when the search did not sample
+    them (the job's ``train.loss``, ``train.learning_rate``, ``train.batch_size``, as in the best trial's job)."""
     train = (best.get("job") or {}).get("train") or {}
-    return [{**r, **{k: train.get(k) for k in ("learning_rate", "batch_size") if r.get(k) is None}} for r in rows]
+    fixed = {k: train.get(k) for k in ("learning_rate", "batch_size")}
+    fixed["loss"] = _loss_label({"train.loss": train.get("loss")})
+    return [{**r, **{k: v for k, v in fixed.items() if not r.get(k)}} for r in rows]
 
 
 def write_report(out_uri: str, rows: list[dict[str, Any]], best: dict[str, Any], metric: str) -> str:
