@@ -118,7 +118,9 @@ def build_parts(args, work: Path) -> list[tuple[str, list[list[str]], float, Pat
         res = work / f"{task}.json"
         sets = model_sets + [f"run.output_dir={out}", "tune.refit=false", "data.train.select=null"]
         if task == "rerank":
-            sets += [f"data.train.path={data / 'qa/train.parquet'}", f"data.eval.path={data / 'qa/dev.parquet'}",
+            # qa/train alone (the packed data has no qa/extra): one source in place of the job's two
+            sets += [f"data.train={{path: {data / 'qa/train.parquet'}, columns: {{query: question, positive: answer}}}}",
+                     f"data.eval.path={data / 'qa/dev.parquet'}",
                      f"data.test.path={data / 'qa/dev.parquet'}"]
         else:
             sets += [f"data.train.path={data / 'nli/train.parquet'}", f"data.eval.path={data / 'nli/dev.parquet'}",

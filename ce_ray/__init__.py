@@ -22,7 +22,8 @@ Importing ``ce_ray`` is cheap: Ray, torch and sentence-transformers load on firs
 Packages: :mod:`ce_ray.data` (read, check, group, mine, shape, prepare), :mod:`ce_ray.training`,
 :mod:`ce_ray.tuning`, :mod:`ce_ray.serving`, :mod:`ce_ray.demo`; modules: :mod:`ce_ray.config` (the
 job schema), :mod:`ce_ray.tasks` (the registry of tasks and losses), :mod:`ce_ray.quality` (test
-scores, the retriever baseline), :mod:`ce_ray.modeling`, :mod:`ce_ray.storage`, :mod:`ce_ray.ray_jobs`
+scores, the retriever baseline), :mod:`ce_ray.fusion` (the reranker fused with its retriever: the rule, the
+weight fitted on eval rows), :mod:`ce_ray.modeling`, :mod:`ce_ray.storage`, :mod:`ce_ray.ray_jobs`
 (Ray Jobs), :mod:`ce_ray.workarounds` (library bugs, one module each).
 """
 

@@ -456,6 +456,14 @@ def _baseline_lines(baseline: dict | None, verdict: dict | None, metric: str) ->
     return lines
 
 
+def fusion_line(fusion: dict | None, metric: str) -> str | None:
+    """``fused with the retriever (weight 0.35 fitted on eval): eval ndcg@10 0.8812  test ndcg@10 0.8790``, or None."""
+    if not fusion:
+        return None
+    scores = "  ".join(f"{split} {metric} {m[metric]:.4f}" for split in ("eval", "test") if (m := fusion.get(split)))
+    return f"fused with the retriever (weight {fusion['weight']:g} fitted on eval, {fusion['normalisation']}): {scores}"
+
+
 def train_summary(s: dict[str, Any]) -> str:
     """The report ``ce-ray train`` ends with, from ``summary.json``."""
     metric = s["primary_metric"]
@@ -474,6 +482,8 @@ def train_summary(s: dict[str, Any]) -> str:
     if s.get("metrics_test"):
         lines.append(f"test {metric}: {s['metrics_test'].get(metric, float('nan')):.4f} ({s['test_rows']} rows)")
     lines += _baseline_lines(s.get("baseline"), s.get("verdict"), metric)
+    if fused := fusion_line(s.get("fusion"), metric):
+        lines.append(fused)
     if s.get("train_samples_per_second"):
         lines.append(f"train samples/s {s['train_samples_per_second']:.1f}  wall {s['wall_time_s']:.0f}s")
     lines.append(f"final model: {s['final_model']}")
@@ -496,5 +506,7 @@ def tune_summary(best: dict[str, Any]) -> str:
     if best.get("test_score") is not None:
         lines.append(f"best/ ({best['exported']}): test {metric} {best['test_score']:.4f}")
     lines += _baseline_lines(best.get("baseline"), best.get("verdict"), metric)
+    if fused := fusion_line(best.get("fusion"), metric):
+        lines.append(fused)
     lines.append(f"best model: {best['best_dir']}  (report: {best.get('report_dir', '')})")
     return "\n".join(lines)

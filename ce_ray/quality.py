@@ -32,6 +32,8 @@ from ce_ray.tasks import TASKS
 
 __all__ = [
     "QUALITY_FILE",
+    "fuse_with_retriever",
+    "retriever_cosines",
     "baseline_metrics",
     "evaluate",
     "model_quality",
@@ -115,6 +117,64 @@ def read_model_quality(model_dir: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
+def retriever_cosines(job: JobConfig, split: PreparedSplit, device: str | None = None) -> list[list[float]]:
+    """The retriever's (``eval.baseline``) cosine of each query with each of its candidates, positives first.
+
+    Cached next to the prepared rows (like :func:`baseline_metrics`), so every run on the same rows embeds once.
+    """
+    name = job.baseline_model
+    uri = storage.join(cache_root(job), f"cosines-{fingerprint({'rows': split.uri, 'model': name}, 'v1')}.json")
+    if storage.exists(uri):
+        return storage.read_json(uri)
+    from sentence_transformers import SentenceTransformer
+
+    from ce_ray.modeling import resolve_model_name
+
+    cols = load_prepared(split.uri).data.table.to_pydict()
+    model = SentenceTransformer(resolve_model_name(name), device=device or "cpu")
+    texts = list(dict.fromkeys([*cols["query"], *(d for p, n in zip(cols["positive"], cols["negative"]) for d in [*p, *n])]))
+    vectors = model.encode(texts, batch_size=job.data.negatives.batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    at = {text: i for i, text in enumerate(texts)}
+    cosines = [
+        (vectors[[at[d] for d in [*p, *n]]] @ vectors[at[q]]).astype(float).tolist()
+        for q, p, n in zip(cols["query"], cols["positive"], cols["negative"])
+    ]
+    storage.write_json(uri, cosines)
+    return cosines
+
+
+def _scored_queries(job: JobConfig, model, split: PreparedSplit) -> list[dict[str, Any]]:
+    """Every query of a rerank split with the model's logits and the retriever's cosines (positives first)."""
+    import numpy as np
+    import torch
+
+    cols = load_prepared(split.uri).data.table.to_pydict()
+    pairs = [[q, d] for q, p, n in zip(cols["query"], cols["positive"], cols["negative"]) for d in [*p, *n]]
+    logits = model.predict(
+        pairs, batch_size=job.train.eval_batch_size, activation_fn=torch.nn.Identity(), convert_to_numpy=True,
+        show_progress_bar=False,
+    )  # fmt: skip
+    cosines = retriever_cosines(job, split)
+    out, start = [], 0
+    for p, n, cos in zip(cols["positive"], cols["negative"], cosines):
+        end = start + len(p) + len(n)
+        out.append({"logits": np.asarray(logits[start:end], dtype=np.float64).reshape(-1), "cosines": np.asarray(cos), "positives": len(p)})
+        start = end
+    return out
+
+
+def fuse_with_retriever(job: JobConfig, model, eval_split: PreparedSplit, test_split: PreparedSplit | None) -> dict[str, Any]:
+    """Fusion of ``model`` (a loaded CrossEncoder) with the retriever: the weight fitted on the eval rows, the fused
+    eval (and test) metrics, and the pure model's test metrics from the same scores (:mod:`ce_ray.fusion`)."""
+    from ce_ray.fusion import fusion_report, rerank_metrics
+
+    eval_queries = _scored_queries(job, model, eval_split)
+    test_queries = _scored_queries(job, model, test_split) if test_split is not None else None
+    report = fusion_report(eval_queries, test_queries, job.baseline_model, TASKS[job.task].primary_metric)
+    pure_test = rerank_metrics([(q["logits"], q["positives"]) for q in test_queries]) if test_queries else None
+    return {"fusion": report, "pure_test": pure_test}
+
+
 def score_baseline(job: JobConfig, eval_split: PreparedSplit, test_split: PreparedSplit | None) -> None:
     """Score the retriever baseline before training (cached; a bad eval.baseline fails before Ray starts)."""
     if job.baseline_model is None:
@@ -135,13 +195,20 @@ def model_quality(
 ) -> dict[str, Any]:
     """Score a staged model on the test rows and set it beside the retriever baseline (written into the model dir).
 
-    Returns ``{task, metric, model: {eval, test}, baseline: {model, eval, test}, verdict}``.
+    A reranker with a baseline is also fused with it (:mod:`ce_ray.fusion`: the weight fitted on the eval rows,
+    then the test rows scored once); ``serve.fusion: auto`` serves that weight.
+
+    Returns ``{task, metric, model: {eval, test}, baseline: {model, eval, test}, verdict, fusion}`` (fusion:
+    ``{weight, normalisation, retriever, eval, test, eval_curve}`` or None).
     """
     task = TASKS[job.task]
-    test = None
-    if test_split is not None:  # held-out rows, scored once with the exported model
+    test = fusion = None
+    reranker = load_for_inference(model_dir)
+    if test_split is not None:  # held-out rows, scored once with the exported model (the library's evaluator)
         test_rows = load_prepared(test_split.uri).data.table
-        test = task.evaluate(load_for_inference(model_dir), test_rows, job.train.eval_batch_size)
+        test = task.evaluate(reranker, test_rows, job.train.eval_batch_size)
+    if job.task == "rerank" and job.baseline_model is not None:  # fused with the retriever, reported apart
+        fusion = fuse_with_retriever(job, reranker, eval_split, test_split)["fusion"]
     baseline = {
         "model": job.baseline_model,
         "eval": baseline_metrics(job, eval_split),
@@ -154,6 +221,7 @@ def model_quality(
         "model": model,
         "baseline": baseline if job.baseline_model else None,
         "verdict": verdict(task.primary_metric, model, baseline, job.baseline_model) if job.baseline_model else None,
+        "fusion": fusion,
     }
     write_model_quality(model_dir, quality)
     return quality

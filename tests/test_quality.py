@@ -57,6 +57,8 @@ def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_mo
 
     The runs are ``ce-ray train`` commands, so they also check what the console shows (ce-ray's progress
     and summary; Ray's, HF's and tqdm's output in the run's log unless --verbose)."""
+    import numpy as np
+    import torch
     from huggingface_hub import ModelCard
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import RerankingEvaluator
@@ -106,9 +108,35 @@ def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_mo
     assert "BinaryCrossEntropyLoss(pos_weight=2.0)" in card.text and verdict["message"] in card.text
     assert f"| train | `{qa_files['train']}`, first 48 rows |" in card.text and f"| test | `{qa_files['dev']}` |" in card.text
     assert "retriever baseline `sentence-transformers/all-MiniLM-L6-v2` (test)" in card.text
-    # before training, after (eval), after (test), baseline (eval), baseline (test)
-    columns = (summary["metrics_before"], summary["metrics_final"], summary["metrics_test"], baseline["eval"], baseline["test"])
+    # before training, after (eval), after (test), baseline (eval), baseline (test), fused (test)
+    fusion = summary["fusion"]
+    columns = (summary["metrics_before"], summary["metrics_final"], summary["metrics_test"], baseline["eval"], baseline["test"], fusion["test"])
     assert "| **ndcg@10** | " + " | ".join(f"{m['ndcg@10']:.4f}" for m in columns) + " |" in card.text
+    assert f"fused with the retriever, weight {fusion['weight']:g} (test)" in card.text
+
+    # The pure test score is the library evaluator's; the fused one is recomputed here from the two models' scores:
+    # z-scores per query, the weight fitted on the eval rows (never below the pure model there), test scored once.
+    from sentence_transformers.cross_encoder import CrossEncoder
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+    from sklearn.metrics import ndcg_score
+
+    reranker = CrossEncoder(final_dir)
+    assert summary["metrics_test"]["ndcg@10"] == pytest.approx(CrossEncoderRerankingEvaluator(samples, at_k=10)(reranker)["ndcg@10"])
+    assert quality["fusion"] == fusion and fusion["normalisation"] == "zscore-per-query"
+    curve = {float(w): v for w, v in fusion["eval_curve"].items()}
+    assert fusion["weight"] in curve and curve[fusion["weight"]] == max(curve.values()) >= curve[0.0]
+    assert curve[0.0] == pytest.approx(summary["metrics_final"]["ndcg@10"], abs=1e-3)  # w = 0 is the pure model
+    encoder = SentenceTransformer(resolve_model_name("bundled:all-MiniLM-L6-v2"))
+    w, ndcgs = fusion["weight"], []
+    for sample in samples:
+        docs = sample["positive"] + sample["negative"]
+        logits = reranker.predict([(sample["query"], d) for d in docs], activation_fn=torch.nn.Identity())
+        cos = encoder.similarity(encoder.encode([sample["query"]]), encoder.encode(docs))[0].numpy()
+        z = lambda x: (x - x.mean()) / x.std() if x.std() > 1e-12 else 0 * x  # noqa: E731
+        fused = (1 - w) * z(np.asarray(logits, dtype=float)) + w * z(np.asarray(cos, dtype=float))
+        ndcgs.append(ndcg_score([[1] * len(sample["positive"]) + [0] * len(sample["negative"])], [fused], k=10))
+    assert fusion["test"]["ndcg@10"] == pytest.approx(float(np.mean(ndcgs)), abs=1e-4)
+    assert f"fused with the retriever (weight {w:g} fitted on eval, zscore-per-query): eval ndcg@10" in train.stdout
 
     # `ce-ray serve` prints it at start-up.
     with socket.socket() as s:

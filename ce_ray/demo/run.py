@@ -71,7 +71,13 @@ def _served_quality(model_dir: str) -> dict:
     quality = read_model_quality(model_dir) or {}
     model, baseline = quality.get("model") or {}, quality.get("baseline") or {}
     _line(f"      {'on the demo test queries:':46} ndcg@10   mrr@10")
-    for label, scores in (("served reranker", model.get("test")), (f"retriever baseline ({baseline.get('model')})", baseline.get("test"))):
+    fusion = quality.get("fusion") or {}
+    rows = (
+        ("served reranker", model.get("test")),
+        (f"retriever baseline ({baseline.get('model')})", baseline.get("test")),
+        (f"fused (weight {fusion.get('weight', 0):g}, fitted on eval)", fusion.get("test")),
+    )
+    for label, scores in rows:
         if scores:
             _line(f"      {label:46} {scores['ndcg@10']:.3f}    {scores['mrr@10']:.3f}")
     if quality.get("verdict"):
@@ -98,19 +104,29 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
 
     started = time.time()
     out = Path(storage.resolve_uri(output_dir))
-    results: dict = {}
+    results: dict = {"timings": {}}
+    clock = [started]
+
+    def lap(step: str) -> None:  # seconds since the previous lap, for the table the demo ends with
+        now = time.time()
+        results["timings"][step] = now - clock[0]
+        clock[0] = now
+
     _line(f"== ce-ray demo (offline, bundled all-MiniLM-L6-v2) -> {out}")
 
     # [1] data
     data = write_demo_data(out / "data")
     _line(f"[1/5] wrote the demo dataset to {out / 'data'}")
+    lap("1 data")
 
     ensure_ray()
+    lap("Ray start")
 
     # [2] NLI
     quick_steps = ["train.max_steps=20"] if quick else []
     nli = run_training(_job("demo_nli.yaml", out, data, quick_steps), label="[2/5] nli").summary
     results["nli"] = nli
+    lap("2 NLI training (2 workers)")
     _line(
         f"[2/5] NLI: {nli['world_size']} workers x {nli['steps_per_worker'][0]} steps, "
         f"{_metrics(nli, ['accuracy', 'f1_macro'])}; test accuracy {nli['metrics_test']['accuracy']:.3f}  ({nli['wall_time_s']:.0f}s)"
@@ -119,12 +135,19 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
     # [3] reranker
     rerank = run_training(_job("demo_rerank.yaml", out, data, quick_steps), label="[3/5] rerank").summary
     results["rerank"] = rerank
+    lap("3 reranker training + baseline + fusion")
     _line(
         f"[3/5] reranker ({rerank['loss']}, {rerank['train_rows']} training pairs with hard negatives): "
         f"{_metrics(rerank, ['mrr@10', 'ndcg@10', 'map'])}; test ndcg@10 {rerank['metrics_test']['ndcg@10']:.3f}  ({rerank['wall_time_s']:.0f}s)"
     )
     if rerank.get("verdict"):
         _line(f"      {rerank['verdict']['message']}")
+    if rerank.get("fusion") and rerank["fusion"].get("test"):
+        fusion = rerank["fusion"]
+        _line(
+            f"      test ndcg@10: reranker {rerank['metrics_test']['ndcg@10']:.3f}, retriever "
+            f"{rerank['baseline']['test']['ndcg@10']:.3f}, fused {fusion['test']['ndcg@10']:.3f} (weight {fusion['weight']:g} fitted on eval)"
+        )
     best_model = rerank["final_model"]
 
     # [4] search
@@ -143,6 +166,7 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
             + f"  ({best['wall_time_s']:.0f}s; report: {outcome.report_dir}/report.html)"
         )
         best_model = outcome.best_dir
+        lap("4 search (ASHA) + export")
     else:
         _line("[4/5] search skipped (--no-tune)")
 
@@ -174,9 +198,13 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
                 f"the served reranker put {ranked[0]['document']!r} first for {DEMO_QUERY!r}; "
                 f"the answer is {DEMO_DOCUMENTS[DEMO_ANSWER]!r}"
             )
+        lap("5 serve + check")
     else:
         _line("[5/5] serving skipped (--no-serve)")
 
     results["wall_time_s"] = time.time() - started
+    _line("== where the time went")
+    for step, seconds in results["timings"].items():
+        _line(f"      {step:42} {seconds:6.0f} s  {100 * seconds / results['wall_time_s']:3.0f}%")
     _line(f"== demo finished in {results['wall_time_s'] / 60:.1f} min; outputs in {out}")
     return results

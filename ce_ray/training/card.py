@@ -338,6 +338,9 @@ def _metrics_lines(job: JobConfig, quality: dict[str, Any], before: dict[str, fl
         columns.append((f"retriever baseline `{hub_model_id(baseline['model'])}` (eval)", baseline["eval"]))
     if baseline.get("test"):
         columns.append((f"retriever baseline `{hub_model_id(baseline['model'])}` (test)", baseline["test"]))
+    fusion = quality.get("fusion") or {}
+    if fusion.get("test"):
+        columns.append((f"fused with the retriever, weight {fusion['weight']:g} (test)", fusion["test"]))
     names = list(dict.fromkeys(k for _, metrics in columns for k in metrics))
     primary = TASKS[job.task].primary_metric
     body = [[f"**{n}**" if n == primary else n, *[metrics.get(n) for _, metrics in columns]] for n in names]
@@ -345,6 +348,12 @@ def _metrics_lines(job: JobConfig, quality: dict[str, Any], before: dict[str, fl
     intro += ", then once on the test rows." if model.get("test") else "."
     if baseline.get("eval") or baseline.get("test"):
         intro += " The retriever baseline is the bi-encoder scored zero-shot (cosine) on the same candidates."
+    if fusion:
+        intro += (
+            f" Fused: (1 - w) x z(this model's logit) + w x z(the retriever's cosine), z-scores over each query's "
+            f"candidates, with w = {fusion['weight']:g} fitted on the eval rows (`serve.fusion: auto` serves it); it is "
+            "reported apart and is not this model's own score."
+        )
     return [
         "### Metrics before and after training",
         "",

@@ -250,6 +250,7 @@ def run_training(job: JobConfig, label: str = "train") -> TrainOutcome:
         summary["test_rows"] = test_split.rows
     summary["baseline"] = quality["baseline"]
     summary["verdict"] = quality["verdict"]
+    summary["fusion"] = quality.get("fusion")  # "fused": reported next to the pure model, never instead of it
     summary["wall_time_s"] = time.time() - started
     summary_path = storage.join(out, "summary.json")
     storage.write_json(summary_path, summary)

@@ -419,6 +419,7 @@ def run_tuning(job: JobConfig) -> TuneOutcome:
     best["best_dir"] = best_dir
     best["baseline"] = quality["baseline"]
     best["verdict"] = quality["verdict"]
+    best["fusion"] = quality.get("fusion")  # "fused": reported next to the pure model, never instead of it
     if quality["model"]["test"] is not None:
         best["test_metrics"] = quality["model"]["test"]
         best["test_score"] = best["test_metrics"].get(task.primary_metric)

@@ -215,6 +215,10 @@ def _comparison(best: dict[str, Any], metric: str) -> list[str]:
     baseline = best.get("baseline")
     if baseline:
         entries.append(("baseline", f"retriever baseline: {baseline['model']} (zero-shot cosine)", {"model": baseline}))
+    fusion = best.get("fusion")
+    if fusion:
+        label = f"fused: best/ with the retriever (weight {fusion['weight']:g} fitted on eval, {fusion['normalisation']})"
+        entries.append(("fused", label, {"model": fusion}))
     lines = ["", f"| model | eval {plain} | test {plain} |", "|---|---|---|"]
     for kind, label, quality in entries:
         scores = (quality or {}).get("model") or {}

@@ -1,0 +1,68 @@
+"""Fusion with the retriever: the rule, the weight fitted on eval rows, and metrics equal to the library evaluator's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ce_ray.fusion import WEIGHTS, fit_weight, fused_scores, fusion_report, rerank_metrics, zscores
+
+
+def _queries(rng, n, reranker_noise, retriever_noise):
+    out = []
+    for _ in range(n):
+        relevance = np.array([1.0] + [0.0] * 9)
+        out.append({
+            "logits": relevance * 2 + rng.normal(0, reranker_noise, 10) + 5.0,  # another scale and offset
+            "cosines": relevance * 0.2 + rng.normal(0, retriever_noise, 10) + 0.4,
+            "positives": 1,
+        })  # fmt: skip
+    return out
+
+
+def test_zscores_and_the_fused_rule():
+    assert zscores(np.array([1.0, 1.0, 1.0])).tolist() == [0.0, 0.0, 0.0]  # one document, or all tied
+    np.testing.assert_allclose(zscores(np.array([1.0, 3.0])), [-1.0, 1.0])
+    logits, cosines = np.array([0.0, 10.0, 5.0]), np.array([0.9, 0.1, 0.5])
+    np.testing.assert_allclose(fused_scores(logits, cosines, 0.0), zscores(logits))
+    np.testing.assert_allclose(fused_scores(logits, cosines, 1.0), zscores(cosines))
+    np.testing.assert_allclose(fused_scores(logits, cosines, 0.5), 0.5 * zscores(logits) + 0.5 * zscores(cosines))
+
+
+def test_the_weight_follows_the_better_scorer_and_never_loses_to_the_pure_model_on_eval():
+    rng = np.random.default_rng(0)
+    good_reranker = _queries(rng, 200, reranker_noise=0.1, retriever_noise=1.0)
+    assert fit_weight(good_reranker)[0] == 0.0  # fusion would only hurt: the pure model is kept
+    good_retriever = _queries(rng, 200, reranker_noise=5.0, retriever_noise=0.01)
+    weight, curve = fit_weight(good_retriever)
+    assert weight > 0.5 and curve[weight] == 1.0 > curve[0.0]  # the smallest weight that ranks every positive first
+    both = _queries(rng, 300, reranker_noise=1.2, retriever_noise=0.12)
+    weight, curve = fit_weight(both)
+    assert 0 < weight < 1 and curve[weight] > curve[0.0] and curve[weight] > curve[1.0]
+    assert set(curve) == set(WEIGHTS) and curve[weight] == max(curve.values())
+    report = fusion_report(both[:150], both[150:], "bi-encoder")
+    assert report["weight"] in WEIGHTS and report["eval"]["ndcg@10"] >= fit_weight(both[:150])[1][0.0]
+    assert report["test"]["ndcg@10"] == pytest.approx(rerank_metrics([(fused_scores(q["logits"], q["cosines"], report["weight"]), 1) for q in both[150:]])["ndcg@10"])
+
+
+def test_metrics_are_the_library_evaluators_on_the_same_scores():
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+
+    rng = np.random.default_rng(1)
+    samples, scored = [], []
+    for i in range(30):
+        positives, negatives = [f"p{i}-{j}" for j in range(1 + i % 2)], [f"n{i}-{j}" for j in range(12)]
+        scores = rng.normal(size=len(positives) + len(negatives))
+        samples.append({"query": f"q{i}", "positive": positives, "negative": negatives})
+        scored.append((scores, len(positives)))
+
+    class Scores:  # the evaluator asks a model for its scores of the pairs, in its order (positives, then negatives)
+        def predict(self, pairs, **kwargs):
+            return np.concatenate([s for s, _ in scored])
+
+    evaluator = CrossEncoderRerankingEvaluator(samples, at_k=10, write_csv=False)
+    evaluator.store_metrics_in_model_card_data = lambda *a, **k: None  # Scores has no model card
+    expected = evaluator(Scores())
+    got = rerank_metrics(scored)
+    for key in ("map", "mrr@10", "ndcg@10"):
+        assert got[key] == pytest.approx(expected[key])
