@@ -40,6 +40,9 @@ CHOICES = {
     "onnx-O3-qint8": {"backend": "onnx", "model_file": "model_O3_qint8_avx512_vnni.onnx"},
     "openvino-fp32": {"backend": "openvino", "precision": "fp32"},
     "openvino-bf16": {"backend": "openvino", "precision": "bf16"},
+    # the same with serve.fusion (the retriever's cosines fused in; pairs/s does not depend on the weight)
+    "torch-fp32+fusion": {"backend": "torch", "precision": "fp32", "fusion": 0.5, "fusion_retriever": "bundled:all-MiniLM-L6-v2"},
+    "openvino-bf16+fusion": {"backend": "openvino", "precision": "bf16", "fusion": 0.5, "fusion_retriever": "bundled:all-MiniLM-L6-v2"},
 }
 EXPORTS = {  # what each choice needs exported: (backend, optimize, quantize)
     "onnx": ("onnx", None, None),
@@ -48,6 +51,7 @@ EXPORTS = {  # what each choice needs exported: (backend, optimize, quantize)
     "onnx-O3-qint8": ("onnx", "O3", "avx512_vnni"),
     "openvino-fp32": ("openvino", None, None),
     "openvino-bf16": ("openvino", None, None),
+    "openvino-bf16+fusion": ("openvino", None, None),
 }
 
 

@@ -642,6 +642,19 @@ class ServeConfig(_Section):
         "bench/README.md), else torch; torch on GPU. onnx/openvino serve the model dir's onnx/ or openvino/ folder "
         "written by `ce-ray export`; a model without one is exported when the replica starts.",
     )
+    fusion: Literal["off", "auto"] | float = Field(
+        "off",
+        description="Fuse the reranker's score with the retriever's cosine for the same (query, document): (1 - w) x "
+        "z(logit) + w x z(cosine), z-scores over the request's documents, relevance_score = its sigmoid. off = the "
+        "reranker alone; auto = the weight w that ce-ray train/tune fitted on the eval rows (the model's "
+        "ce_ray_quality.json and card; 0 where fusion did not help); or a weight in [0, 1]. Replicas load the "
+        "retriever beside each model.",
+    )
+    fusion_retriever: str | None = Field(
+        None,
+        description="The bi-encoder (SentenceTransformer) fused with the reranker; default: the one its training "
+        "fitted the weight with (eval.baseline, in ce_ray_quality.json). Hub id, local dir or bundled:.",
+    )
     model_file: str | None = Field(
         None,
         description="onnx/openvino: the file in the model's onnx/ or openvino/ subfolder to serve, e.g. "
@@ -696,6 +709,21 @@ class ServeConfig(_Section):
         elif self.model_file is not None:
             raise ValueError(f"model_file is for backend onnx or openvino, not {self.backend}; remove it or set backend")
         return self
+
+    @field_validator("fusion", mode="before")
+    @classmethod
+    def _fusion_value(cls, value: Any) -> Any:
+        if value is False or value is None:  # YAML reads a bare `off` as false
+            return "off"
+        if isinstance(value, str) and value.strip().lower() in ("off", "auto"):
+            return value.strip().lower()
+        try:
+            weight = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{value!r}: use off, auto or a weight in [0, 1]") from None
+        if isinstance(value, bool) or not 0 <= weight <= 1:
+            raise ValueError(f"{value!r}: a weight is in [0, 1] (0 = the reranker alone, 1 = the retriever alone)")
+        return weight
 
 
 # --------------------------------------------------------------------------------------------

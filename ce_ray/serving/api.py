@@ -302,6 +302,11 @@ class InfoResponse(BaseModel):
     precision: str
     backend: str = Field("torch", description="Inference engine: torch, onnx (ONNX Runtime) or openvino (serve.backend).")
     model_file: str | None = Field(None, description="The ONNX/OpenVINO file served (onnx and openvino backends).")
+    fusion: dict[str, Any] | None = Field(
+        None,
+        description="serve.fusion: null when off; else {weight, normalisation, retriever, source}: relevance_score is "
+        "the sigmoid of (1 - weight) x z(reranker logit) + weight x z(retriever cosine) over the request's documents.",
+    )
     limits: dict[str, Any] = Field(description="max_documents, max_pairs, max_text_chars and the batching settings.")
     models: list[ServedModel] = Field(default_factory=list, description="Every model this app serves.")
     replicas: list[ServeStats] = Field(

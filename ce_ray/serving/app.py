@@ -46,7 +46,7 @@ from ce_ray.serving.backends import check_backend
 from ce_ray.serving.catalog import catalog
 from ce_ray.serving.health import HEALTH_SUFFIX, Health, health_prefix
 from ce_ray.serving.ingress import HEALTH_TIMEOUT_S, CrossEncoderAPI
-from ce_ray.serving.model import CrossEncoderModel
+from ce_ray.serving.model import CrossEncoderModel, fusion_settings
 from ce_ray.workarounds.uvicorn_157 import ENV as HEADER_TIMEOUT_ENV
 
 __all__ = [
@@ -112,6 +112,11 @@ def _check_model_path(cfg: ServeConfig) -> None:
         if not is_remote(path) and looks_local and not is_model_dir(path):
             raise ConfigError(f"{key}: {model} is not a model directory (config.json and weights)")
         check_backend(cfg, model)
+        if cfg.fusion != "off" and not is_remote(path) and os.path.isdir(path):  # remote: the replica checks
+            try:
+                fusion_settings(cfg, path)
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
 
 
 def quality_warning(model: str) -> str | None:

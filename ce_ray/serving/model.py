@@ -25,6 +25,7 @@ import ray
 from ray import serve
 
 from ce_ray.config import ServeConfig
+from ce_ray.fusion import fused_scores
 from ce_ray.modeling import read_task, resolve_model_dir
 from ce_ray.serving.api import (
     ApiError,
@@ -87,7 +88,59 @@ class LoadedModel:
     precision: str
     backend: str
     model_file: str | None
+    fusion: dict[str, Any] | None = None  # {weight, normalisation, retriever, source} with serve.fusion on
+    retriever: Any = None  # the SentenceTransformer fused with it (shared by the replica's models)
     __weakref__: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def cosines(self, query: str, docs: list[str]) -> np.ndarray:
+        """The retriever's cosine of ``query`` with each of ``docs``."""
+        vectors = self.retriever.encode([query, *docs], normalize_embeddings=True, convert_to_numpy=True)
+        return vectors[1:] @ vectors[0]
+
+
+_RETRIEVERS: dict[tuple[str, str], Any] = {}  # (name, device) -> SentenceTransformer: loaded once per replica
+
+
+def fusion_settings(cfg: ServeConfig, path: str) -> dict[str, Any] | None:
+    """``serve.fusion`` for the model at ``path``: None (off), or its weight, normalisation and retriever.
+
+    Raises:
+        ValueError: ``auto`` for a model without a fitted weight, or a weight without a known retriever.
+    """
+    from ce_ray.fusion import NORMALISATION
+    from ce_ray.quality import read_model_quality
+
+    if cfg.fusion == "off":
+        return None
+    fitted = (read_model_quality(path) or {}).get("fusion")
+    if cfg.fusion == "auto":
+        if not fitted:
+            raise ValueError(
+                f"serve.fusion: auto, but {os.path.basename(path)} has no fusion weight fitted by ce-ray train/tune "
+                "(ce_ray_quality.json); set serve.fusion to a weight in [0, 1], or off"
+            )
+        weight, source = float(fitted["weight"]), "auto (fitted on the eval rows)"
+    else:
+        weight, source = float(cfg.fusion), "serve.fusion"
+    retriever = cfg.fusion_retriever or (fitted or {}).get("retriever")
+    if not retriever:
+        raise ValueError(
+            f"serve.fusion: {cfg.fusion}: no retriever to fuse {os.path.basename(path)} with; set serve.fusion_retriever "
+            "(a SentenceTransformer: hub id, directory or bundled:all-MiniLM-L6-v2)"
+        )
+    return {"weight": weight, "normalisation": NORMALISATION, "retriever": retriever, "source": source}
+
+
+def load_retriever(name: str, device: str) -> Any:
+    """The fusion retriever, once per replica process (several served models may share it)."""
+    from sentence_transformers import SentenceTransformer
+
+    from ce_ray.modeling import resolve_model_name
+
+    key = (name, device)
+    if key not in _RETRIEVERS:
+        _RETRIEVERS[key] = SentenceTransformer(resolve_model_name(name), device=device)
+    return _RETRIEVERS[key]
 
 
 def load_model(name: str, location: str, cfg: ServeConfig) -> LoadedModel:
@@ -121,11 +174,16 @@ def load_model(name: str, location: str, cfg: ServeConfig) -> LoadedModel:
     id2label = getattr(net.config, "id2label", None) or {}
     labels = [id2label.get(i, str(i)) for i in range(num_labels)] if num_labels > 1 else None
     task = read_task(path) or ("rerank" if num_labels == 1 else "nli")
+    fusion = fusion_settings(cfg, path) if num_labels == 1 else None
+    retriever = load_retriever(fusion["retriever"], device) if fusion else None
     scorer.score(["warm-up"], ["warm-up"])  # the first, slow forward pass outside any request
-    return LoadedModel(
+    model = LoadedModel(
         name, path, scorer, ce.activation_fn, num_labels, labels, task, max_length, max_batch_tokens, device, precision,
-        getattr(net, "backend", "torch"), getattr(net, "file", None),
+        getattr(net, "backend", "torch"), getattr(net, "file", None), fusion, retriever,
     )  # fmt: skip
+    if retriever is not None:
+        model.cosines("warm-up", ["warm-up"])
+    return model
 
 
 @dataclass
@@ -220,8 +278,14 @@ class CrossEncoderModel:
             )
         docs = request.documents
         scored = _raise_failure(await self._score_batch(_Job(model, [request.query] * len(docs), docs)))
-        logits = torch.from_numpy(scored.logits)
-        scores = (logits if request.raw_scores else model.activation(logits)).reshape(-1).tolist()
+        if model.fusion is not None:  # serve.fusion: the reranker's logits with the retriever's cosines
+            loop = asyncio.get_running_loop()
+            cosines = await loop.run_in_executor(None, model.cosines, request.query, docs)
+            logits = torch.from_numpy(fused_scores(scored.logits.reshape(-1), cosines, model.fusion["weight"]))
+            scores = (logits if request.raw_scores else torch.sigmoid(logits)).tolist()
+        else:
+            logits = torch.from_numpy(scored.logits)
+            scores = (logits if request.raw_scores else model.activation(logits)).reshape(-1).tolist()
         ranked = sorted(range(len(docs)), key=lambda i: scores[i], reverse=True)[: request.top_n]
         return RerankResponse(
             results=[
@@ -281,6 +345,7 @@ class CrossEncoderModel:
             precision=model.precision,
             backend=model.backend,
             model_file=model.model_file,
+            fusion=model.fusion,
             limits={
                 "max_documents": cfg.max_documents,
                 "max_pairs": cfg.max_pairs,
