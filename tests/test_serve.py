@@ -155,6 +155,73 @@ def test_cohere_sdk_v1_and_v2_get_crossencoder_scores(server, model_dirs):
     assert raw.status_code == 200 and raw.headers["x-ignored-fields"] == "foo,priority"
 
 
+STRUCTURED = [  # object documents: ranked on title and body; their other fields come back untouched
+    {"title": "Berlin", "body": DOCS[3], "id": 7, "tags": ["city", None]},
+    {"title": "Pets", "body": DOCS[1], "id": 8},
+    {"title": "Germany", "body": DOCS[0], "id": 9, "meta": {"source": "wiki"}},
+    {"title": "Fruit", "body": DOCS[4], "id": 10},
+]
+
+
+def test_cohere_rank_fields_score_objects_as_key_value_lines(server, model_dirs):
+    """rank_fields with object documents through Cohere's SDK, v1 and v2: each object is scored as its named
+    fields' `key: value` lines in rank_fields order (scores = CrossEncoder.rank on those texts), v1's
+    return_documents gives each object back as it was sent; a missing or non-string field is a 422 naming the
+    document and the field."""
+    import cohere
+    from cohere.core.api_error import ApiError as CohereError
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    model = CrossEncoder(model_dirs.rerank)
+    v1 = cohere.Client(api_key=KEY, base_url=server.rerank, max_retries=0)
+    v2 = cohere.ClientV2(api_key=KEY, base_url=server.rerank, max_retries=0)
+    for fields in (["title", "body"], ["body", "title"], ["body"]):
+        rendered = ["\n".join(f"{key}: {doc[key]}" for key in fields) for doc in STRUCTURED]
+        expected = model.rank(QUERY, rendered)
+        got = v1.rerank(model="tiny-reranker", query=QUERY, documents=STRUCTURED, rank_fields=fields, return_documents=True)
+        assert [r.index for r in got.results] == [r["corpus_id"] for r in expected]
+        assert [r.relevance_score for r in got.results] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+        assert [r.document.model_dump(exclude_unset=True) for r in got.results] == [STRUCTURED[r.index] for r in got.results]
+        got = v2.rerank(model="tiny-reranker", query=QUERY, documents=STRUCTURED,
+                        request_options={"additional_body_parameters": {"rank_fields": fields}})  # fmt: skip
+        assert [r.index for r in got.results] == [r["corpus_id"] for r in expected]
+        assert [r.relevance_score for r in got.results] == pytest.approx([r["score"] for r in expected], abs=1e-5)
+    # over plain HTTP: the objects come back exactly (null inside them included); text documents score as they are
+    mixed = [STRUCTURED[0], DOCS[2]]
+    raw = _post(f"{server.rerank}/v1/rerank", {"query": QUERY, "documents": mixed, "rank_fields": ["title", "body"],
+                                               "return_documents": True}, headers=AUTH)  # fmt: skip
+    assert raw.status_code == 200, raw.text
+    expected = {r["corpus_id"]: r["score"] for r in model.rank(QUERY, [f"title: Berlin\nbody: {DOCS[3]}", DOCS[2]])}
+    for result in raw.json()["results"]:
+        assert result["relevance_score"] == pytest.approx(expected[result["index"]], abs=1e-5)
+        assert result["document"] == ({"text": DOCS[2]} if result["index"] == 1 else STRUCTURED[0])
+    # {text, ...} objects without rank_fields: the text is scored, the other fields come back
+    got = v1.rerank(query=QUERY, documents=[{"text": d, "n": i} for i, d in enumerate(DOCS)], return_documents=True)
+    assert [r.index for r in got.results] == [r["corpus_id"] for r in model.rank(QUERY, DOCS)]
+    assert all(r.document.model_dump(exclude_unset=True) == {"text": DOCS[r.index], "n": r.index} for r in got.results)
+
+    bad = [
+        ([{"title": "a", "body": "b"}, {"title": "c"}], ["title", "body"], "documents.1.body"),  # missing
+        ([{"title": "a", "body": 3}], ["title", "body"], "documents.0.body"),  # not a string
+        ([{"title": "a", "body": None}], ["body"], "documents.0.body"),
+        ([{"title": "a", "body": ["b"]}], ["body"], "documents.0.body"),
+        ([{"title": "a"}], None, "documents.0.text"),  # an object without text, and no rank_fields
+        ([{"title": "a"}, 5], ["title"], "documents.1"),
+    ]
+    for documents, fields, field in bad:
+        for client in (v1, v2):
+            extra = {"rank_fields": fields} if fields else {}
+            with pytest.raises(CohereError) as caught:
+                client.rerank(model="tiny-reranker", query=QUERY, documents=documents,
+                              request_options={"additional_body_parameters": extra})  # fmt: skip
+            assert caught.value.status_code == 422, caught.value.body
+            error = caught.value.body["error"]
+            assert error["field"] == field and error["message"].startswith(f"{field}: "), error
+    for fields, field in (([], "rank_fields"), (["title", "title"], "rank_fields"), ([""], "rank_fields"), ("title", "rank_fields")):
+        body = {"query": QUERY, "documents": STRUCTURED, "rank_fields": fields}
+        _assert_error(_post(f"{server.rerank}/v2/rerank", body, headers=AUTH), 422, field)
+
+
 def test_tei_shape_on_rerank(server, model_dirs):
     """Text Embeddings Inference's body on POST /rerank (told apart by `texts`): its list answer, raw scores,
     return_text, and truncate: false refusing a pair that would be cut."""

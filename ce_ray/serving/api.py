@@ -346,28 +346,54 @@ class TeiRerankResult(BaseModel):
 # --------------------------------------------------------------------------------------------
 # Cohere's rerank API (v1 and v2), for its SDK and the tools built on it
 # --------------------------------------------------------------------------------------------
-class CohereDocument(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+# Fields of Cohere's request that change what is computed and ce-ray does not do; refused (422 naming them)
+# rather than ignored.
+COHERE_UNSUPPORTED = ("max_chunks_per_doc", "max_tokens_per_doc", "relevant_spans")
 
-    text: Text
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-# Fields of Cohere's request that change what is computed; refused (422 naming them) rather than ignored.
-COHERE_UNSUPPORTED = ("rank_fields", "max_chunks_per_doc", "max_tokens_per_doc", "relevant_spans")
+def _invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, "invalid_request", f"{field}: {message}", field=field)
+
+
+def render_document(document: dict[str, Any], rank_fields: list[str]) -> str:
+    """An object document as Cohere documents it for ``rank_fields``: the named fields as ``key: value`` lines,
+    in ``rank_fields`` order (``{"title": "T", "body": "B"}``, ``["title", "body"]`` → ``"title: T\\nbody: B"``)."""
+    return "\n".join(f"{key}: {document[key]}" for key in rank_fields)
 
 
 class CohereRerankRequest(BaseModel):
     """``POST /v1/rerank`` and ``/v2/rerank``: Cohere's request. Other optional fields (``priority``...) are
     accepted, ignored and named in the ``X-Ignored-Fields`` response header; fields that would change the
-    scores (:data:`COHERE_UNSUPPORTED`) give 422."""
+    scores and are not done here (:data:`COHERE_UNSUPPORTED`) give 422.
+
+    A document is a text or an object: ``{text, ...}`` (its ``text`` is scored), or, with ``rank_fields``, any
+    object holding those fields as strings (scored as :func:`render_document` renders it). Other fields of an
+    object are kept, and come back with ``return_documents`` (v1)."""
 
     model_config = ConfigDict(extra="allow")
 
-    model: StrictStr | None = Field(None, description="Must name the served model when given (see GET /info).")
+    model: StrictStr | None = Field(
+        None, description="Must name a served model when given (its name in GET /info, or its path)."
+    )
     query: Text
-    documents: list[Text | CohereDocument] = Field(min_length=1, description="Texts, or {text} objects.")
+    documents: list[Any] = Field(
+        min_length=1,
+        description="Texts, or objects: {text, ...}, or with rank_fields objects holding those fields as strings.",
+        json_schema_extra={"items": {"anyOf": [{"type": "string"}, {"type": "object"}]}},
+    )
     top_n: StrictInt | None = Field(None, ge=1)
-    return_documents: StrictBool = Field(False, description="v1: include each document as {text}.")
+    return_documents: StrictBool = Field(False, description="v1: include each document (an object as it was sent).")
+    rank_fields: list[StrictStr] | None = Field(
+        None,
+        min_length=1,
+        description="Fields of object documents to rank on, in this order: each object is scored as its "
+        "'key: value' lines (a missing or non-string field is 422). Text documents are scored as they are.",
+    )
 
     def ignored_fields(self) -> list[str]:
         return sorted(set(self.model_extra or {}) - set(COHERE_UNSUPPORTED))
@@ -375,21 +401,68 @@ class CohereRerankRequest(BaseModel):
     def unsupported_fields(self) -> list[str]:
         return sorted(k for k, v in (self.model_extra or {}).items() if k in COHERE_UNSUPPORTED and v is not None)
 
+    def texts(self) -> list[str]:
+        """The text each document is scored as; :class:`ApiError` (422) naming the document (and field) at fault."""
+        fields = self.rank_fields
+        if fields is not None:
+            for key in fields:
+                if not key.strip():
+                    raise _invalid("rank_fields", "a field name is empty; name the object fields to rank on")
+            if len(set(fields)) < len(fields):
+                twice = next(k for k in fields if fields.count(k) > 1)
+                raise _invalid("rank_fields", f"{twice[:100]!r} is named twice; name each field once")
+        texts = []
+        for i, doc in enumerate(self.documents):
+            if isinstance(doc, str):
+                texts.append(_checked_text(f"documents.{i}", doc, visible=True))
+            elif not isinstance(doc, dict):
+                raise _invalid(f"documents.{i}", f"must be a text or an object, not {_json_type(doc)}")
+            elif fields is None:
+                if "text" not in doc:
+                    raise _invalid(
+                        f"documents.{i}.text",
+                        "missing: an object document needs a 'text' field, or name the fields to rank in rank_fields",
+                    )
+                texts.append(_checked_text(f"documents.{i}.text", doc["text"], visible=True))
+            else:
+                for key in fields:
+                    if key not in doc:
+                        raise _invalid(
+                            f"documents.{i}.{key}"[:200],
+                            f"missing: rank_fields names {key[:100]!r}, so every object document needs it as a string",
+                        )
+                    _checked_text(f"documents.{i}.{key}"[:200], doc[key], visible=False, hint=" (rank_fields ranks string fields)")
+                texts.append(render_document(doc, fields))
+        return texts
+
     def to_rerank(self) -> RerankRequest:
-        texts = [d if isinstance(d, str) else d.text for d in self.documents]
         return RerankRequest(
-            model=self.model, query=self.query, documents=texts, top_n=self.top_n, return_documents=self.return_documents
-        )
+            model=self.model, query=self.query, documents=self.texts(), top_n=self.top_n,
+            return_documents=False,  # the answer carries the documents as they were sent (CohereRerankResponse.of)
+        )  # fmt: skip
 
 
-class CohereResultDocument(BaseModel):
-    text: str
+def _checked_text(field: str, value: Any, visible: bool, hint: str = "") -> str:
+    """``value`` as a text to score: a string, valid Unicode, and (``visible``) showing something."""
+    if not isinstance(value, str):
+        raise _invalid(field, f"must be a string{hint}, not {_json_type(value)}")
+    try:
+        if visible:
+            return _visible_text(value)
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _invalid(field, f"not valid Unicode: a lone surrogate at character {exc.start}") from None
+    except ValueError as exc:
+        raise _invalid(field, str(exc)) from None
+    return value
 
 
 class CohereRerankResult(BaseModel):
     index: int
     relevance_score: float
-    document: CohereResultDocument | None = None
+    document: dict[str, Any] | None = Field(
+        None, description="v1 with return_documents: {text} for a text, an object document as it was sent."
+    )
 
 
 class CohereRerankResponse(BaseModel):
@@ -398,15 +471,17 @@ class CohereRerankResponse(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
-    def of(cls, response: RerankResponse, version: str) -> CohereRerankResponse:
+    def of(cls, response: RerankResponse, version: str, documents: list[Any] | None = None) -> CohereRerankResponse:
+        """Cohere's answer to ``response``; with ``documents`` (the request's), each result carries its document."""
         import uuid
 
+        def document(i: int) -> dict[str, Any] | None:
+            if documents is None:
+                return None
+            return {"text": documents[i]} if isinstance(documents[i], str) else documents[i]
+
         results = [
-            CohereRerankResult(
-                index=r.index,
-                relevance_score=r.relevance_score,
-                document=CohereResultDocument(text=r.document) if r.document is not None else None,
-            )
+            CohereRerankResult(index=r.index, relevance_score=r.relevance_score, document=document(r.index))
             for r in response.results
         ]
         meta = {"api_version": {"version": version}, "billed_units": {"search_units": 1}, "tokens": {"input_tokens": response.usage.total_tokens}}

@@ -435,11 +435,11 @@ class CrossEncoderAPI:
         ignored = request.ignored_fields()
         if ignored:
             response.headers["X-Ignored-Fields"] = ",".join(ignored)[:500]
-        rerank = request.to_rerank()
-        if version == "2":  # v2 returns no document texts
-            rerank = rerank.model_copy(update={"return_documents": False})
+        rerank = request.to_rerank()  # object documents rendered for rank_fields; 422 naming a bad one
         name = check_rerank(rerank, self.cfg, self.catalog)
-        return CohereRerankResponse.of(await self._call("rerank", name, rerank, f"/v{version}/rerank"), version)
+        answer = await self._call("rerank", name, rerank, f"/v{version}/rerank")
+        documents = request.documents if request.return_documents and version == "1" else None  # v2 returns none
+        return CohereRerankResponse.of(answer, version, documents)
 
     @app.post(
         "/v1/rerank",
@@ -448,7 +448,8 @@ class CrossEncoderAPI:
         tags=["rerank"],
     )
     async def cohere_v1(self, request: CohereRerankRequest, response: Response) -> CohereRerankResponse:
-        """Cohere's v1 rerank (``cohere.Client(base_url=...).rerank``): documents as texts or ``{text}``."""
+        """Cohere's v1 rerank (``cohere.Client(base_url=...).rerank``): documents as texts, ``{text, ...}`` objects,
+        or objects ranked on ``rank_fields`` (their ``key: value`` lines); ``return_documents`` gives each as sent."""
         return await self._cohere(request, "1", response)
 
     @app.post(
@@ -458,7 +459,7 @@ class CrossEncoderAPI:
         tags=["rerank"],
     )
     async def cohere_v2(self, request: CohereRerankRequest, response: Response) -> CohereRerankResponse:
-        """Cohere's v2 rerank (``cohere.ClientV2(base_url=...).rerank``)."""
+        """Cohere's v2 rerank (``cohere.ClientV2(base_url=...).rerank``); ``rank_fields`` and object documents as in v1."""
         return await self._cohere(request, "2", response)
 
     @app.post(
