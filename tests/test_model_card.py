@@ -98,3 +98,37 @@ def test_a_model_without_a_card_gets_one(tiny_model, tmp_path):
     assert "## Training with ce-ray" in card.text
     with pytest.raises(FileNotFoundError):  # a search summary needs the card it adds to
         add_search_summary(str(tmp_path / "nothing"), SEARCH)
+
+
+def test_several_training_sources_each_get_a_row_with_their_rows_and_the_fused_score_its_column(tiny_model, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from ce_ray.data.prepare import sources_text
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    job = load_job(None, base={
+        "task": "rerank", "model": {"name": tiny_model},
+        "data": {"train": [{"path": "qa/train.parquet", "select": 500}, {"hub": "org/qa-extra", "name": "extra", "weight": 2}],
+                 "mix": "weighted", "eval": "qa/dev.parquet"},
+    })  # fmt: skip
+    sources = [{"name": "train", "key": "data.train[0]", "read": 500, "dropped": 2, "rows": 1200},
+               {"name": "extra", "key": "data.train[1]", "read": 900, "dropped": 0, "rows": 2400}]  # fmt: skip
+    quality = {
+        "model": {"eval": {"ndcg@10": 0.8}, "test": {"ndcg@10": 0.81}},
+        "baseline": {"model": "bundled:all-MiniLM-L6-v2", "eval": {"ndcg@10": 0.85}, "test": {"ndcg@10": 0.84}},
+        "verdict": None,
+        "fusion": {"weight": 0.35, "normalisation": "zscore-per-query", "eval": {"ndcg@10": 0.87}, "test": {"ndcg@10": 0.86}},
+    }
+    write_model_card(str(model_dir), job, quality=quality, metrics_before={"ndcg@10": 0.2}, hyperparameters=HYPER,
+                     rows={"train": 3600, "eval": 40, "test": None, "train_sources": sources})  # fmt: skip
+    card = ModelCard.load(model_dir / "README.md")
+    assert "| train[0] | **train**: `qa/train.parquet`, first 500 rows | 1,200 |" in card.text
+    assert "| train[1] | **extra**: hub `org/qa-extra`, split `train`, weight 2 | 2,400 |" in card.text
+    assert "| train | the 2 sources above, `data.mix: weighted` | 3,600 |" in card.text
+    assert card.data.datasets == ["org/qa-extra"]
+    assert "| **ndcg@10** | 0.2000 | 0.8000 | 0.8100 | 0.8500 | 0.8400 | 0.8600 |" in card.text
+    assert "fused with the retriever, weight 0.35 (test)" in card.text and "w = 0.35 fitted on the eval rows" in card.text
+    assert sources_text(sources) == (
+        "data.train[0] train 1,200 (of 500 read, 2 dropped); data.train[1] extra 2,400 (of 900 read)"
+    )
