@@ -1027,6 +1027,17 @@ def load_job(path: str | Path | None = None, overrides: list[str] | None = None,
     return job_from_dict(raw, source)
 
 
+def _section_model(ann: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (``X | None``, ``Annotated[X | list[X], ...]``), or None."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def describe_keys() -> list[tuple[str, str, str]]:
     """Every dotted key with its default and description (for ``ce-ray validate --keys`` and docs)."""
     rows: list[tuple[str, str, str]] = []
@@ -1034,11 +1045,7 @@ def describe_keys() -> list[tuple[str, str, str]]:
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             key = f"{prefix}{name}"
-            ann = field.annotation
-            sub = next(
-                (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
-                None,
-            )
+            sub = _section_model(field.annotation)
             if sub is not None and sub not in (LossConfig, DataSource):
                 walk(sub, key + ".")
                 continue
