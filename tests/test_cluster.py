@@ -114,7 +114,9 @@ def test_kuberay_rayjob_runs_the_tune_job():
     assert command[:3] == ["ce-ray", "tune", "jobs/rerank_tune.yaml"]
     job_config = load_job(REPO / command[2], _overrides(command))  # a valid job: every key exists, every value fits
     assert job_config.run.output_dir.startswith("s3://") and job_config.scaling.use_gpu
-    assert all(getattr(job_config.data, split).path.startswith("s3://") for split in ("train", "eval", "test"))
+    train = job_config.data.train  # the shipped tune job trains on two sources, each pointed at the bucket
+    assert [source.path.rsplit("/", 1)[-1] for source in train] == ["train.parquet", "extra.parquet"]
+    assert all(source.path.startswith("s3://") for source in [*train, job_config.data.eval, job_config.data.test])
     assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"]
     assert spec["shutdownAfterJobFinishes"] is True
     _check_ray_cluster_spec(spec["rayClusterSpec"])
