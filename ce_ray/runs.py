@@ -53,7 +53,10 @@ def run_identity(job: JobConfig, kind: str) -> dict[str, Any]:
     identity["data"] = {k: v for k, v in raw["data"].items() if k not in ("cache_dir", "train", "eval", "test")}
     for split in ("train", "eval", "test"):
         source = getattr(job.data, split)
-        identity["data"][split] = source_fingerprint(source) if source is not None else None
+        if isinstance(source, list):  # data.train as several sources: each one's fingerprint, by index
+            identity["data"][split] = {str(i): source_fingerprint(src) for i, src in enumerate(source)}
+        else:
+            identity["data"][split] = source_fingerprint(source) if source is not None else None
     if kind == "tune":
         identity["tune"] = {k: raw["tune"][k] for k in _TUNE_KEYS}
     return _flat(identity)

@@ -137,3 +137,20 @@ def test_round_robin_trains_on_one_source_per_batch_in_turn(tmp_path, nli_files,
         owners.append(owner[0])
     assert owners == [0, 1, 0, 1, 0, 1]
     assert trainer.train().global_step == 6
+
+
+def test_a_run_of_several_sources_has_an_identity_that_names_each_source(tmp_path, nli_files):
+    """``ce-ray train`` records what defines a run before it starts; with data.train a list, each source counts."""
+    from ce_ray.runs import check_run_identity, run_identity
+
+    frame = pd.read_parquet(nli_files["train"])
+    job = _two_sources(tmp_path, [frame.head(20), frame.iloc[20:40]], f"run.output_dir={tmp_path / 'runs'}")
+    identity = run_identity(job, "train")
+    assert identity["data.train.0.path"].endswith("source0.parquet")
+    assert identity["data.train.1.path"].endswith("source1.parquet")
+    check_run_identity(job, "train", started=False)
+    check_run_identity(job, "train", started=True)  # the same sources: a resume
+
+    frame.iloc[40:70].to_parquet(tmp_path / "source1.parquet")  # the second source's content changes
+    with pytest.raises(ConfigError, match=r"data\.train\.1\.stat"):
+        check_run_identity(job, "train", started=True)
