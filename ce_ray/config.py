@@ -552,7 +552,23 @@ class ServeConfig(_Section):
         131072,
         ge=8,
         description="Most tokens (after truncation) one request may have scored; more -> 413. Bounds the work one "
-        "request can ask for (the default is 256 documents at 512 tokens).",
+        "request can ask for (the default is 256 documents at 512 tokens). Every chunk of a chunked document counts.",
+    )
+    long_documents: Literal["truncate", "chunk"] = Field(
+        "chunk",
+        description="A /rerank document longer than the model's window: chunk = split it into windows that each "
+        "repeat the query (at most max_chunks_per_doc, overlapping by chunk_overlap_tokens) and score it as its best "
+        "window, as Cohere's rerank does; truncate = cut it at the model's max length, so what follows never counts. "
+        "A request may ask for chunking with max_chunks_per_doc either way (bench/README.md measures both).",
+    )
+    max_chunks_per_doc: int = Field(
+        8,
+        ge=1,
+        description="Most windows a /rerank document is split into (with long_documents: chunk, the default of a "
+        "request); a request's max_chunks_per_doc (Cohere v1) is honoured up to this.",
+    )
+    chunk_overlap_tokens: int = Field(
+        16, ge=0, description="Tokens each window of a chunked document shares with the window before it."
     )
     request_timeout_s: float = Field(
         60.0,

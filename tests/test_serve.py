@@ -145,8 +145,8 @@ def test_cohere_sdk_v1_and_v2_get_crossencoder_scores(server, model_dirs):
     assert [r.index for r in got.results] == [r["corpus_id"] for r in expected]
     assert [r.relevance_score for r in got.results] == pytest.approx([r["score"] for r in expected], abs=1e-5)
     with pytest.raises(CohereError) as caught:  # would change the scores: refused, naming the field
-        v2.rerank(model="tiny-reranker", query=QUERY, documents=DOCS, max_tokens_per_doc=16)
-    assert caught.value.status_code == 422 and "max_tokens_per_doc" in str(caught.value.body)
+        v2.rerank(model="tiny-reranker", query=QUERY, documents=DOCS, relevant_spans={"enabled": True})
+    assert caught.value.status_code == 422 and "relevant_spans" in str(caught.value.body)
     with pytest.raises(CohereError) as caught:
         cohere.ClientV2(api_key="wrong", base_url=server.rerank, max_retries=0).rerank(model="m", query=QUERY, documents=DOCS)
     assert caught.value.status_code == 401
@@ -263,17 +263,78 @@ def test_rerank_top_n_and_return_documents(server):
 
 
 def test_long_document_is_truncated_and_reported(server, model_dirs):
+    """max_chunks_per_doc 1: a long document is cut at the model's window, as CrossEncoder.rank cuts it."""
     from sentence_transformers.cross_encoder import CrossEncoder
 
     long_doc = " ".join(["population"] * 400)  # > the tiny model's 256 tokens, < max_text_chars
     docs = [DOCS[0], long_doc]
-    response = _post(f"{server.rerank}/rerank", {"query": QUERY, "documents": docs}, headers=AUTH)
+    response = _post(f"{server.rerank}/rerank", {"query": QUERY, "documents": docs, "max_chunks_per_doc": 1}, headers=AUTH)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["usage"]["truncated_documents"] == 1
     expected = {r["corpus_id"]: r["score"] for r in CrossEncoder(model_dirs.rerank).rank(QUERY, docs)}
     for result in body["results"]:
         assert result["relevance_score"] == pytest.approx(expected[result["index"]], abs=1e-5)
+
+
+FILLER = "the weather was mild and the river was calm near the old stone bridge . "
+LONG_DOC = FILLER * 40 + "berlin has three million people living in it . " * 3  # 627 tokens: 3 windows
+
+
+def _chunk_texts(tokenizer, query: str, doc: str, max_chunks: int, doc_tokens: int | None = None) -> list[str]:
+    """The windows of ``doc`` the server scores, as texts: the query's tokens (at most serve.max_query_tokens, 64)
+    and the document's, 256 - 3 special tokens per pair, overlapping by serve.chunk_overlap_tokens (16)."""
+    ids = tokenizer(doc, add_special_tokens=False).input_ids[:doc_tokens]
+    query_tokens = len(tokenizer(query, add_special_tokens=False).input_ids)
+    window = 253 - min(query_tokens, max(64, 253 - len(ids)))
+    spans = [(0, min(len(ids), window))]
+    while spans[-1][1] < len(ids) and len(spans) < max_chunks:
+        start = spans[-1][0] + window - 16
+        spans.append((start, min(len(ids), start + window)))
+    texts = [tokenizer.decode(ids[a:b]) for a, b in spans]
+    for (a, b), text in zip(spans, texts):  # each window's text tokenizes back to the same tokens
+        assert tokenizer(text, add_special_tokens=False).input_ids == ids[a:b]
+    return texts
+
+
+def test_long_documents_are_chunked_and_score_as_their_best_chunk(server, model_dirs):
+    """serve.long_documents: chunk (the default): a document longer than the window is split into windows that each
+    repeat the query, and scores as its best window: CrossEncoder.rank on those windows' texts, max per document.
+    Cohere's SDK sends v1's max_chunks_per_doc (honoured up to serve.max_chunks_per_doc, with a warning above it)
+    and v2's max_tokens_per_doc (the document cut to that many tokens, then chunked)."""
+    import cohere
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    ce = CrossEncoder(model_dirs.rerank)
+    query, docs = QUERY.lower(), [DOCS[0].lower(), LONG_DOC, FILLER * 3]
+
+    def best_chunk(max_chunks: int, doc_tokens: int | None = None) -> list[float]:
+        return [max(r["score"] for r in ce.rank(query, _chunk_texts(ce.tokenizer, query, d, max_chunks, doc_tokens)))
+                for d in docs]  # fmt: skip
+
+    chunked, first_window = best_chunk(8), best_chunk(1)
+    assert chunked[1] - first_window[1] > 1e-4  # a later window of the long document scores higher than its first
+    response = _post(f"{server.rerank}/rerank", {"query": query, "documents": docs}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["usage"]["chunks"] == 5 and body["usage"]["truncated_documents"] == 0  # 1 + 3 + 1 windows
+    assert {r["index"]: r["relevance_score"] for r in body["results"]} == pytest.approx(dict(enumerate(chunked)), abs=1e-5)
+
+    v1 = cohere.Client(api_key=KEY, base_url=server.rerank, max_retries=0)
+    got = v1.rerank(model="tiny-reranker", query=query, documents=docs, max_chunks_per_doc=2)
+    assert {r.index: r.relevance_score for r in got.results} == pytest.approx(dict(enumerate(best_chunk(2))), abs=1e-5)
+    got = v1.rerank(model="tiny-reranker", query=query, documents=docs, max_chunks_per_doc=50)  # over the server's 8
+    assert {r.index: r.relevance_score for r in got.results} == pytest.approx(dict(enumerate(chunked)), abs=1e-5)
+    assert "serve.max_chunks_per_doc" in got.meta.warnings[0]
+
+    v2 = cohere.ClientV2(api_key=KEY, base_url=server.rerank, max_retries=0)
+    got = v2.rerank(model="tiny-reranker", query=query, documents=docs, max_tokens_per_doc=300)
+    want = best_chunk(8, doc_tokens=300)
+    assert {r.index: r.relevance_score for r in got.results} == pytest.approx(dict(enumerate(want)), abs=1e-5)
+    assert got.meta.tokens.input_tokens < body["usage"]["total_tokens"]  # 2 windows of the long document, not 3
+
+    tei = _post(f"{server.rerank}/rerank", {"query": query, "texts": docs, "truncate": False}, headers=AUTH)
+    assert tei.status_code == 413  # TEI's shape never chunks: a long text is cut (truncate: true) or refused
 
 
 def test_predict_returns_labels_and_probabilities(server, model_dirs):
@@ -380,6 +441,9 @@ BAD_RERANK = [
     ({"query": QUERY, "documents": DOCS, "top_n": "2"}, 422, "top_n"),
     ({"query": QUERY, "documents": DOCS, "return_documents": "yes"}, 422, "return_documents"),
     ({"query": QUERY, "documents": DOCS, "top_k": 2}, 422, "top_k"),
+    ({"query": QUERY, "documents": DOCS, "max_chunks_per_doc": 0}, 422, "max_chunks_per_doc"),
+    ({"query": QUERY, "documents": DOCS, "max_chunks_per_doc": "4"}, 422, "max_chunks_per_doc"),
+    ({"query": QUERY, "documents": DOCS, "max_tokens_per_doc": -1}, 422, "max_tokens_per_doc"),
     ({"query": QUERY, "documents": ["d"] * (LIMITS["max_documents"] + 1)}, 413, "documents"),
     ({"query": TOO_LONG, "documents": DOCS}, 413, "query"),
     ({"query": QUERY, "documents": ["ok", "ok", TOO_LONG]}, 413, "documents.2"),
@@ -693,13 +757,19 @@ def test_cost_is_bounded_by_tokens(server):
     """Long texts are cut by tokens (query to serve.max_query_tokens when both are long), once each, and a
     request over serve.max_request_tokens is 413 without touching the others."""
     long_text = "population " * 450  # 4,950 chars, far over the tiny model's 256 tokens
-    response = _post(f"{server.rerank}/rerank", {"query": long_text, "documents": [long_text] * 3}, headers=AUTH)
+    body = {"query": long_text, "documents": [long_text] * 3, "max_chunks_per_doc": 1}
+    response = _post(f"{server.rerank}/rerank", body, headers=AUTH)
     assert response.status_code == 200, response.text
     usage = response.json()["usage"]
     assert usage["truncated_documents"] == 3 and usage["total_tokens"] == 3 * 256
-    over = {"query": long_text, "documents": [f"{i} {long_text}" for i in range(MAX_REQUEST_TOKENS // 256 + 1)]}
+    documents = [f"{i} {long_text}" for i in range(MAX_REQUEST_TOKENS // 256 + 1)]
+    over = {"query": long_text, "documents": documents, "max_chunks_per_doc": 1}
     _assert_error(_post(f"{server.rerank}/rerank", over, headers=AUTH), 413, "body")
     assert "serve.max_request_tokens" in _post(f"{server.rerank}/rerank", over, headers=AUTH).json()["error"]["message"]
+    # chunks count: 12 documents fit cut at the window (12 x 256 tokens), but not as their 2 windows each (12 x 479)
+    chunked = {"query": "How many?", "documents": documents[:12]}
+    assert _post(f"{server.rerank}/rerank", {**chunked, "max_chunks_per_doc": 1}, headers=AUTH).status_code == 200
+    _assert_error(_post(f"{server.rerank}/rerank", chunked, headers=AUTH), 413, "body")
 
 
 def test_key_is_checked_before_the_body_and_the_body_is_bounded(server):

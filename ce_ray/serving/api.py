@@ -36,6 +36,7 @@ __all__ = [
     "ServeTotals",
     "ServedModel",
     "COHERE_UNSUPPORTED",
+    "chunks_per_doc",
     "CohereRerankRequest",
     "CohereRerankResponse",
     "TeiRerankRequest",
@@ -168,6 +169,16 @@ class RerankRequest(_Request):
     top_n: StrictInt | None = Field(None, ge=1, description="Return only the best N results (default: all).")
     return_documents: StrictBool = Field(False, description="Include each document's text in its result.")
     raw_scores: StrictBool = Field(False, description="Return the model's logits instead of sigmoid scores.")
+    max_chunks_per_doc: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="Split a document longer than the model's window into at most this many windows, each with the "
+        "query, and score it as its best window (1 = cut it at the window). Default and upper bound: the server's "
+        "serve.max_chunks_per_doc (GET /info, limits); default 1 where serve.long_documents is truncate.",
+    )
+    max_tokens_per_doc: StrictInt | None = Field(
+        None, ge=1, description="Cut each document to this many tokens before it is chunked or truncated."
+    )
 
 
 class RerankResult(BaseModel):
@@ -180,8 +191,10 @@ class RerankUsage(BaseModel):
     documents: int = Field(description="Documents scored.")
     total_tokens: int = Field(description="Tokens the model read (query + document pairs, after truncation).")
     truncated_documents: int = Field(
-        description="Pairs longer than the model's max length (see GET /info); they were cut to fit."
+        description="Documents of which some tokens were not scored: longer than the model's max length (see GET "
+        "/info) and cut, or longer than their chunks (max_chunks_per_doc) or max_tokens_per_doc."
     )
+    chunks: int | None = Field(None, description="Windows scored (query + part of a document); with chunking only.")
 
 
 class RerankResponse(BaseModel):
@@ -333,8 +346,9 @@ class TeiRerankRequest(BaseModel):
 
     def to_rerank(self) -> RerankRequest:
         return RerankRequest(
-            query=self.query, documents=self.texts, return_documents=self.return_text, raw_scores=self.raw_scores
-        )
+            query=self.query, documents=self.texts, return_documents=self.return_text, raw_scores=self.raw_scores,
+            max_chunks_per_doc=1,  # TEI cuts a long text (truncate: true) or refuses it; it never chunks
+        )  # fmt: skip
 
 
 class TeiRerankResult(BaseModel):
@@ -348,7 +362,7 @@ class TeiRerankResult(BaseModel):
 # --------------------------------------------------------------------------------------------
 # Fields of Cohere's request that change what is computed and ce-ray does not do; refused (422 naming them)
 # rather than ignored.
-COHERE_UNSUPPORTED = ("max_chunks_per_doc", "max_tokens_per_doc", "relevant_spans")
+COHERE_UNSUPPORTED = ("relevant_spans",)
 
 
 def _json_type(value: Any) -> str:
@@ -388,6 +402,12 @@ class CohereRerankRequest(BaseModel):
     )
     top_n: StrictInt | None = Field(None, ge=1)
     return_documents: StrictBool = Field(False, description="v1: include each document (an object as it was sent).")
+    max_chunks_per_doc: StrictInt | None = Field(
+        None, ge=1, description="v1: most chunks of a long document (its score: the best chunk's), up to the server's."
+    )
+    max_tokens_per_doc: StrictInt | None = Field(
+        None, ge=1, description="v2: each document is cut to this many tokens, then chunked as the server does."
+    )
     rank_fields: list[StrictStr] | None = Field(
         None,
         min_length=1,
@@ -439,6 +459,7 @@ class CohereRerankRequest(BaseModel):
         return RerankRequest(
             model=self.model, query=self.query, documents=self.texts(), top_n=self.top_n,
             return_documents=False,  # the answer carries the documents as they were sent (CohereRerankResponse.of)
+            max_chunks_per_doc=self.max_chunks_per_doc, max_tokens_per_doc=self.max_tokens_per_doc,
         )  # fmt: skip
 
 
@@ -471,8 +492,11 @@ class CohereRerankResponse(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
-    def of(cls, response: RerankResponse, version: str, documents: list[Any] | None = None) -> CohereRerankResponse:
-        """Cohere's answer to ``response``; with ``documents`` (the request's), each result carries its document."""
+    def of(
+        cls, response: RerankResponse, version: str, documents: list[Any] | None = None, warnings: list[str] | None = None
+    ) -> CohereRerankResponse:
+        """Cohere's answer to ``response``; with ``documents`` (the request's), each result carries its document;
+        ``warnings`` go to ``meta.warnings`` as Cohere's do."""
         import uuid
 
         def document(i: int) -> dict[str, Any] | None:
@@ -485,6 +509,8 @@ class CohereRerankResponse(BaseModel):
             for r in response.results
         ]
         meta = {"api_version": {"version": version}, "billed_units": {"search_units": 1}, "tokens": {"input_tokens": response.usage.total_tokens}}
+        if warnings:
+            meta["warnings"] = warnings
         return cls(id=str(uuid.uuid4()), results=results, meta=meta)
 
 
@@ -521,6 +547,21 @@ def check_rerank(request: RerankRequest, cfg: ServeConfig, served: Catalog) -> s
     for i, doc in enumerate(request.documents):
         _check_text(f"documents.{i}", doc, cfg)
     return name
+
+
+def chunks_per_doc(request: RerankRequest, cfg: ServeConfig) -> tuple[int, str | None]:
+    """The windows a long document of ``request`` may be split into, and a warning when the request asked for more
+    than the server allows (``serve.max_chunks_per_doc``; honoured up to it, not refused)."""
+    default = cfg.max_chunks_per_doc if cfg.long_documents == "chunk" else 1
+    asked = request.max_chunks_per_doc
+    if asked is None:
+        return default, None
+    if asked > cfg.max_chunks_per_doc:
+        return cfg.max_chunks_per_doc, (
+            f"max_chunks_per_doc: {asked} is above this server's limit; used {cfg.max_chunks_per_doc} "
+            "(serve.max_chunks_per_doc)"
+        )
+    return asked, None
 
 
 def check_predict(request: PredictRequest, cfg: ServeConfig, served: Catalog) -> str:

@@ -44,6 +44,7 @@ from ce_ray.serving.api import (
     ServeTotals,
     check_predict,
     check_rerank,
+    chunks_per_doc,
     coerce,
     field_name,
     key_ok,
@@ -439,7 +440,8 @@ class CrossEncoderAPI:
         name = check_rerank(rerank, self.cfg, self.catalog)
         answer = await self._call("rerank", name, rerank, f"/v{version}/rerank")
         documents = request.documents if request.return_documents and version == "1" else None  # v2 returns none
-        return CohereRerankResponse.of(answer, version, documents)
+        warning = chunks_per_doc(rerank, self.cfg)[1]
+        return CohereRerankResponse.of(answer, version, documents, [warning] if warning else None)
 
     @app.post(
         "/v1/rerank",

@@ -39,6 +39,7 @@ from ce_ray.serving.api import (
     ServeStats,
     check_predict,
     check_rerank,
+    chunks_per_doc,
     coerce,
 )
 from ce_ray.serving.backends import load_model as load_backend
@@ -170,6 +171,7 @@ def load_model(name: str, location: str, cfg: ServeConfig) -> LoadedModel:
         max_batch_tokens,
         num_labels,
         max_query_tokens=cfg.max_query_tokens,
+        overlap=cfg.chunk_overlap_tokens,
     )
     id2label = getattr(net.config, "id2label", None) or {}
     labels = [id2label.get(i, str(i)) for i in range(num_labels)] if num_labels > 1 else None
@@ -193,6 +195,8 @@ class _Job:
     model: LoadedModel
     firsts: list[str]
     seconds: list[str]
+    chunks: int = 1  # windows a long second text may be split into (1: cut at the model's window)
+    doc_tokens: int = 0  # > 0: each second text is cut to this many tokens first
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -203,6 +207,7 @@ class _Scored:
     logits: np.ndarray  # [pairs, num_labels], float32
     tokens: int
     truncated: int
+    chunks: int | None = None  # windows scored, when some pair was chunked
 
 
 @serve.deployment(name="CrossEncoderModel")
@@ -277,7 +282,9 @@ class CrossEncoderModel:
                 field="model",
             )
         docs = request.documents
-        scored = _raise_failure(await self._score_batch(_Job(model, [request.query] * len(docs), docs)))
+        chunks = chunks_per_doc(request, self.cfg)[0]
+        job = _Job(model, [request.query] * len(docs), docs, chunks, request.max_tokens_per_doc or 0)
+        scored = _raise_failure(await self._score_batch(job))
         if model.fusion is not None:  # serve.fusion: the reranker's logits with the retriever's cosines
             loop = asyncio.get_running_loop()
             cosines = await loop.run_in_executor(None, model.cosines, request.query, docs)
@@ -293,8 +300,11 @@ class CrossEncoderModel:
                 for i in ranked
             ],
             model=model.name,
-            usage={"documents": len(docs), "total_tokens": scored.tokens, "truncated_documents": scored.truncated},
-        )
+            usage={
+                "documents": len(docs), "total_tokens": scored.tokens, "truncated_documents": scored.truncated,
+                "chunks": scored.chunks,
+            },
+        )  # fmt: skip
 
     async def predict(self, request: PredictRequest | dict) -> PredictResponse:
         """Label each pair: class probabilities (softmax) for classifiers, the sigmoid score for 1 output."""
@@ -350,6 +360,10 @@ class CrossEncoderModel:
                 "max_documents": cfg.max_documents,
                 "max_pairs": cfg.max_pairs,
                 "max_text_chars": cfg.max_text_chars,
+                "max_request_tokens": cfg.max_request_tokens,
+                "long_documents": cfg.long_documents,
+                "max_chunks_per_doc": cfg.max_chunks_per_doc,
+                "chunk_overlap_tokens": cfg.chunk_overlap_tokens,
                 "max_batch_size": cfg.max_batch_size,
                 "max_batch_tokens": model.max_batch_tokens,
                 "max_batch_requests": cfg.max_batch_requests,
@@ -410,7 +424,11 @@ class CrossEncoderModel:
         seconds = [text for job in jobs for text in job.seconds]
         sizes = [len(job.firsts) for job in jobs]
         owner = np.repeat(np.arange(len(jobs)), sizes)
-        scored = model.scorer.score(firsts, seconds, owner=owner, max_owner_tokens=self.cfg.max_request_tokens)
+        chunks = np.repeat([job.chunks for job in jobs], sizes)
+        doc_tokens = np.repeat([job.doc_tokens for job in jobs], sizes)
+        scored = model.scorer.score(
+            firsts, seconds, owner=owner, max_owner_tokens=self.cfg.max_request_tokens, chunks=chunks, doc_tokens=doc_tokens
+        )
 
         truncated = int(scored.truncated.sum())
         self._counts["forward_passes"] += scored.forward_passes
@@ -429,7 +447,7 @@ class CrossEncoderModel:
                     ApiError(
                         413,
                         "too_large",
-                        f"body: {scored.over_budget[j]} tokens to score (after truncation), at most "
+                        f"body: {scored.over_budget[j]} tokens to score (after truncation, every chunk of a long document counted), at most "
                         f"{self.cfg.max_request_tokens} (serve.max_request_tokens); send fewer or shorter texts",
                         field="body",
                     )
@@ -438,6 +456,7 @@ class CrossEncoderModel:
                 logger.error("non-finite scores for a request of %d pairs (model %s)", size, model.name)
                 out.append(RuntimeError("the model returned non-finite scores"))
             else:
-                out.append(_Scored(logits, int(scored.lengths[start:end].sum()), int(scored.truncated[start:end].sum())))
+                windows = None if scored.chunks is None or jobs[j].chunks == 1 else int(scored.chunks[start:end].sum())
+                out.append(_Scored(logits, int(scored.lengths[start:end].sum()), int(scored.truncated[start:end].sum()), windows))
             start = end
         return out
