@@ -9,6 +9,7 @@ The Python API is what the ``ce-ray`` CLI runs::
     best = ce_ray.tune("jobs/rerank_tune.yaml")  # Ray Tune; best.best_dir, best.best, best.report_dir
     ce_ray.evaluate(job, outcome.final_dir)      # {"rows": ..., "ndcg@10": ..., ...} on data.test
     url = ce_ray.serve(best.best_dir)            # Ray Serve, returns the base URL (non-blocking)
+    ce_ray.update_serving("runs/next/best")      # roll a new model out in place; rollback=True goes back
     ce_ray.stop_serving()
 
 Each function takes a :class:`JobConfig`, a job file path or a plain dict (``overrides`` are
@@ -47,6 +48,7 @@ __all__ = [
     "prepare",
     "serve",
     "stop_serving",
+    "update_serving",
     "train",
     "tune",
 ]
@@ -128,6 +130,20 @@ def serve(model: str | None = None, job: JobLike | None = None, overrides: list[
 
         cfg = ServeConfig.model_validate({**cfg.model_dump(), **updates})
     return start_server(cfg)
+
+
+def update_serving(models: dict[str, str] | str | None = None, *, rollback: bool = False, name: str | None = None) -> Any:
+    """Swap the model(s) of a running server in place, or roll back to what it served before its latest update.
+
+    ``models``: a dir (a one-model server) or ``{served name: dir}``. Serve starts replicas of the new version, and
+    stops the old ones once they have finished their requests; none fails. Returns the settings now served
+    (a :class:`~ce_ray.config.ServeConfig`). ``ce-ray serve --model NAME=DIR --update`` / ``--rollback``.
+    """
+    from ce_ray.serving import APP_NAME, update_server
+
+    if isinstance(models, str):
+        models = {"": models}
+    return update_server(models, name=name or APP_NAME, rollback=rollback)
 
 
 def stop_serving() -> None:

@@ -11,6 +11,7 @@ Examples::
     ce-ray rank --model runs/rerank/final --query "How many people live in Berlin?" doc1 doc2
     ce-ray serve --model runs/rerank-tune/best
     ce-ray serve --model legal=runs/legal/best --model medical=runs/medical/best
+    ce-ray serve --model runs/next/best --update           # roll a new model into the running server; --rollback
     ce-ray export runs/rerank-tune/best --backend onnx --quantize qint8   # then serve.backend=onnx
     ce-ray validate jobs/nli_train.yaml        # check a job without running it
     ce-ray demo                                # offline end-to-end demo
@@ -169,6 +170,8 @@ def _model_overrides(models: list[str]) -> list[str]:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ce_ray.serving import serve_forever
 
+    if args.update or args.rollback:
+        return _update(args)
     overrides = list(args.overrides)
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key: empty, which would serve without authentication; give a real key or leave it out")
@@ -179,6 +182,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             overrides.append(f"serve.{key}={value}")
     job = load_job(args.job, overrides, base=None if args.job else {"task": "rerank"})
     serve_forever(job.serve)
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    """``ce-ray serve --model [NAME=]DIR --update`` / ``--rollback``: roll a running app over, print what it serves."""
+    from ce_ray.serving import update_server
+    from ce_ray.serving.catalog import catalog
+
+    if args.update and args.rollback:
+        raise ConfigError("--update and --rollback: give one (--rollback goes back to what served before the update)")
+    if args.job or args.overrides or args.host or args.port or args.api_key:
+        raise ConfigError("--update/--rollback change the model(s) of the running app only; give just --model")
+    models = {}
+    for item in args.model or []:
+        name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        models[name.strip()] = path.strip()
+    if args.rollback and models:
+        raise ConfigError("--rollback takes no --model: it serves again what the app served before its last update")
+    served = update_server(models, name=args.app, rollback=args.rollback)
+    _print_json({"app": args.app, "models": catalog(served).locations})
     return 0
 
 
@@ -262,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int)
     p.add_argument("--api-key", help="require this bearer token (prefer env CE_RAY_API_KEY)")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="swap the model of the running app (--model DIR, or NAME=DIR per model) in place, with Ray Serve's "
+        "rolling update: old replicas finish what they hold, new ones load and pass health, requests wait meanwhile",
+    )
+    p.add_argument("--rollback", action="store_true", help="serve again what the running app served before its last update")
+    p.add_argument("--app", default="ce-ray", help="the Serve app to --update or --rollback (default ce-ray)")
 
     p = add("export", _cmd_export, "export a model for serve.backend onnx or openvino (into its onnx/ or openvino/ folder)")
     p.add_argument("model", help="CrossEncoder directory, or a train/tune output_dir (uses best/ or final/)")

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BUNDLED_PREFIX",
     "check_model",
+    "content_hash",
     "export_model",
     "hub_model_id",
     "is_model_dir",
@@ -210,6 +211,25 @@ def predict_pairs(model: CrossEncoder, pairs: list[tuple[str, str]], batch_size:
             {"label": names[best], "label_id": best, "score": float(row[best]), "probabilities": dict(zip(names, map(float, row)))}
         )
     return results
+
+
+def content_hash(path: str) -> str:
+    """The version of the model directory ``path``: sha256 over every file's relative path and bytes, 12 hex digits.
+
+    The same files give the same hash on every node; any change to weights, tokenizer or config gives another.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(os.path.relpath(full, path).encode() + b"\0")
+            with open(full, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def is_model_dir(path: str) -> bool:

@@ -3,7 +3,7 @@
 =============  =============================================================================
 module         what it holds
 =============  =============================================================================
-``app``        build, start and stop the application (:func:`start_server`, ``app_builder``)
+``app``        build, start, update (roll a new model out, roll back) and stop the application
 ``ingress``    the FastAPI routes: validation, API key, every error mapped to JSON
 ``health``     ``GET /health`` from an app of its own, so that a burst on the API cannot delay it
 ``model``      the model deployment: the CrossEncoder(s) of a replica, batching across requests
@@ -27,6 +27,7 @@ from ce_ray.serving.app import (
     serve_forever,
     start_server,
     stop_server,
+    update_server,
     wait_until_ready,
 )
 
@@ -40,5 +41,6 @@ __all__ = [
     "serve_forever",
     "start_server",
     "stop_server",
+    "update_server",
     "wait_until_ready",
 ]

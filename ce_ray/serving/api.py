@@ -36,6 +36,7 @@ __all__ = [
     "ServeTotals",
     "ServedModel",
     "COHERE_UNSUPPORTED",
+    "ModelVersion",
     "chunks_per_doc",
     "CohereRerankRequest",
     "CohereRerankResponse",
@@ -251,6 +252,14 @@ class HealthResponse(BaseModel):
     model: str | None = None
 
 
+class ModelVersion(BaseModel):
+    """Which files a replica serves for a model: their content hash, and when the replica loaded them."""
+
+    version: str = Field(description="Content hash of the model directory (sha256 of its files, 12 hex digits).")
+    loaded_at: str = Field(description="When the replica loaded it (UTC, ISO 8601).")
+    replicas: int | None = Field(None, description="In GET /info's models: live replicas serving this version.")
+
+
 class ServeStats(BaseModel):
     """Counters of one model replica since it started (they show whether batching merges requests)."""
 
@@ -258,6 +267,7 @@ class ServeStats(BaseModel):
     node_id: str | None = Field(None, description="The Ray node the replica runs on.")
     pid: int | None = Field(None, description="The replica's process id.")
     models: list[str] = Field(default_factory=list, description="Models loaded on this replica now.")
+    versions: dict[str, ModelVersion] = Field(default_factory=dict, description="Each loaded model's version.")
     requests: int = Field(description="Requests scored.")
     pairs: int = Field(description="Pairs scored.")
     batches: int = Field(description="Cross-request batches (@serve.batch calls).")
@@ -298,6 +308,10 @@ class ServedModel(BaseModel):
     )
     default: bool = Field(description="Requests that name no model get this one.")
     loaded_on: int = Field(description="Live replicas that hold it loaded now.")
+    versions: list[ModelVersion] = Field(
+        default_factory=list,
+        description="The versions live replicas serve (two while an update rolls out), oldest load first.",
+    )
 
 
 class InfoResponse(BaseModel):
@@ -308,6 +322,7 @@ class InfoResponse(BaseModel):
         "(then every caller of /info has it), null on a server without one.",
     )
     task: str = Field(description="rerank (1 output: use /rerank) or nli/classification (use /predict).")
+    version: ModelVersion | None = Field(None, description="The described model's version on the answering replica.")
     num_labels: int
     labels: list[str] | None = Field(None, description="Class names, index = label id (classifiers).")
     max_length: int = Field(description="Tokens per pair; longer pairs are truncated (and counted in usage).")

@@ -60,6 +60,7 @@ __all__ = [
     "serve_forever",
     "start_server",
     "stop_server",
+    "update_server",
     "wait_until_ready",
 ]
 
@@ -178,13 +179,23 @@ def app_builder(args: ServeConfig) -> Application:
     """
     cfg = _config(args)
     _check_model_path(cfg)
+    return _application(cfg)
+
+
+def _application(cfg: ServeConfig, previous: ServeConfig | None = None) -> Application:
+    """The app's two deployments for a checked ``cfg``; ``previous``: the settings an update replaces."""
     model = CrossEncoderModel.options(**_replica_options(cfg)).bind(cfg)
     # The ingress only awaits the model: it holds many requests cheaply, so that shedding happens at the
     # models' bounded queues and every refused request still gets the app's JSON 503.
     replicas = cfg.max_replicas if cfg.num_replicas == "auto" else cfg.num_replicas
     held = replicas * (cfg.max_concurrent_requests + cfg.max_queued_requests)
-    ingress = {"num_replicas": cfg.ingress_replicas, "max_ongoing_requests": 4 * held + 100}
-    return CrossEncoderAPI.options(**ingress, max_queued_requests=-1).bind(model, cfg)  # -1: Serve's "no limit"
+    ingress = {
+        "num_replicas": cfg.ingress_replicas,
+        "max_ongoing_requests": 4 * held + 100,
+        # An ingress replica Serve stops (an update) answers what it holds first: each request within its deadline.
+        "graceful_shutdown_timeout_s": cfg.request_timeout_s + 5,
+    }
+    return CrossEncoderAPI.options(**ingress, max_queued_requests=-1).bind(model, cfg, previous)  # -1: "no limit"
 
 
 def health_builder(args: ServeConfig) -> Application:
@@ -252,6 +263,105 @@ def start_server(
     if wait:
         wait_until_ready(url, name, timeout_s)
     return url
+
+
+def update_server(
+    models: dict[str, str] | None = None, *, name: str = APP_NAME, rollback: bool = False, timeout_s: float = 600.0
+) -> ServeConfig:
+    """Swap models of the running app ``name`` in place (``models``: served name -> new model dir), or go back to
+    the settings it ran before its latest update (``rollback``); return the settings now served.
+
+    Everything else (names, limits, port, key) stays as the app runs it; a single-model app keeps the name clients
+    use. Serve rolls the app over (Ray Serve's in-place update, as Kubernetes does with no surge): a few old
+    replicas at a time finish the requests they hold and stop, and new ones start, load the new model and pass
+    their health check; requests that arrive meanwhile wait in Serve's queues (each within
+    ``serve.request_timeout_s``), so none fails. With ``serve.num_replicas`` >= 2 some replicas serve throughout;
+    with one, requests wait for the new replica's start. Blocks until the app runs the new version only. The app
+    keeps its previous settings, so a rollback is one call.
+
+    Raises:
+        ConfigError: no such app, no previous version to roll back to, a name the app does not serve, or a model
+            dir that is not one (checked before anything is deployed).
+        RuntimeError: the new version failed to deploy (Serve keeps serving the old one).
+    """
+    import ray
+
+    if not ray.is_initialized():  # join the running cluster, never start a new one for an update
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+        except ConnectionError:
+            raise ConfigError(
+                f"no running Ray cluster to update app {name!r} on; start it first (ce-ray serve) or set RAY_ADDRESS"
+            ) from None
+    if name not in serve.status().applications:
+        raise ConfigError(f"--name: no Serve app {name!r} is running (running: {', '.join(serve.status().applications)})")
+    current, previous = serve.get_app_handle(name).settings.remote().result()
+    if rollback:
+        if previous is None:
+            raise ConfigError(f"--rollback: app {name!r} has not been updated, so there is no previous version")
+        target = previous
+    else:
+        target = _with_models(current, models or {})
+    _check_model_path(target)
+    logging_config = {"enable_access_log": True}
+    try:
+        serve.run_many(
+            [
+                serve.RunTarget(_application(target, current), name=name, route_prefix=target.route_prefix,
+                                logging_config=logging_config),
+                serve.RunTarget(health_builder(target), name=name + HEALTH_SUFFIX,
+                                route_prefix=health_prefix(target.route_prefix), logging_config=logging_config),
+            ],
+            wait_for_ingress_deployment_creation=True,
+            wait_for_applications_running=False,
+        )  # fmt: skip
+    except RuntimeError as exc:
+        raise RuntimeError(f"Serve app {name!r}: the update failed to deploy: {exc}") from None
+    _wait_until_rolled_out(name, timeout_s)
+    return target
+
+
+def _with_models(cfg: ServeConfig, models: dict[str, str]) -> ServeConfig:
+    """``cfg`` serving ``models`` (served name -> new dir; name "" for a one-model app's model) in their place."""
+    served = catalog(cfg)
+    if not models:
+        raise ConfigError("--model: name the new model dir (--model DIR, or --model NAME=DIR) for --update")
+    for requested in models:
+        if (requested or not cfg.model) and served.resolve(requested) is None:
+            raise ConfigError(
+                f"--model {requested}=...: this app serves {', '.join(served.names)}; an update swaps a served "
+                "model (--model NAME=DIR with one of those names), it does not add one"
+            )
+    if cfg.model:  # one model: it keeps the name clients use
+        if len(models) > 1:
+            raise ConfigError(f"--model: this app serves one model ({served.default}); give one new dir")
+        return cfg.model_copy(update={"model": next(iter(models.values())), "model_name": served.default})
+    updated = dict(cfg.models)
+    for requested, location in models.items():
+        updated[served.resolve(requested)] = location
+    return cfg.model_copy(update={"models": updated})
+
+
+def _wait_until_rolled_out(name: str, timeout_s: float) -> None:
+    """Block until app ``name`` runs its new version only: RUNNING, every deployment HEALTHY, and every replica
+    RUNNING (the old ones stopped, after finishing what they held)."""
+    from ray.serve.schema import ReplicaState
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications[name]
+        if status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"Serve app {name!r}: the update failed to deploy:\n{status.message}")
+        deployments = status.deployments.values()
+        if (
+            status.status == "RUNNING"
+            and all(d.status == "HEALTHY" for d in deployments)
+            and all(set(d.replica_states) <= {ReplicaState.RUNNING} for d in deployments)
+        ):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Serve app {name!r}: the update did not finish within {timeout_s:.0f}s")
+        time.sleep(0.25)
 
 
 def wait_until_ready(url: str, name: str = APP_NAME, timeout_s: float = 180.0) -> None:

@@ -35,6 +35,7 @@ from ce_ray.serving.api import (
     ErrorResponse,
     HealthResponse,
     InfoResponse,
+    ModelVersion,
     PredictRequest,
     PredictResponse,
     RerankRequest,
@@ -310,14 +311,28 @@ async def _api_error_response(exc: ApiError, scope, receive, send) -> None:
 app.add_middleware(RequestGuard)
 
 
+def _versions(replicas: list[ServeStats], name: str) -> list[ModelVersion]:
+    """The versions of model ``name`` that ``replicas`` serve, each with its replica count, oldest load first."""
+    live: dict[str, ModelVersion] = {}
+    for r in replicas:
+        v = r.versions.get(name)
+        if v is None:
+            continue
+        seen = live.setdefault(v.version, v.model_copy(update={"replicas": 0}))
+        seen.replicas += 1
+        seen.loaded_at = min(seen.loaded_at, v.loaded_at)
+    return sorted(live.values(), key=lambda v: v.loaded_at)
+
+
 @serve.deployment(name="CrossEncoderAPI", ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class CrossEncoderAPI:
     """HTTP routes in front of :class:`CrossEncoderModel` (the handle ``model``)."""
 
-    def __init__(self, model: DeploymentHandle, cfg: ServeConfig):
+    def __init__(self, model: DeploymentHandle, cfg: ServeConfig, previous: ServeConfig | None = None):
         self.model = model
         self.cfg = cfg
+        self.previous = previous  # the settings this app ran before its latest update (for a rollback)
         self.api_key = cfg.api_key
         self.docs_public = cfg.docs_public if cfg.docs_public is not None else cfg.api_key is None
         self.catalog = catalog(cfg)
@@ -328,6 +343,11 @@ class CrossEncoderAPI:
     def _handle(self, name: str) -> DeploymentHandle:
         """The model handle for model ``name`` (with several models, Serve routes to a replica holding it)."""
         return self.model.options(multiplexed_model_id=name) if self.catalog.multiplexed else self.model
+
+    def settings(self) -> tuple[ServeConfig, ServeConfig | None]:
+        """The app's settings and those it ran before its latest update (handle callers only: no HTTP route, as
+        they hold the API key and the models' paths)."""
+        return self.cfg, self.previous
 
     async def _call(self, method: str, name: str, request, route: str):
         """Call ``method`` of model ``name``; anything but an :class:`ApiError` becomes a 503/500 without its text.
@@ -522,9 +542,12 @@ class CrossEncoderAPI:
         # Where models live only for a caller with the key: with one, /info needs it; without one, anyone may ask.
         paths = self.api_key is not None
         models = [
-            ServedModel(name=n, path=path if paths else None, default=n == self.catalog.default, loaded_on=loaded.count(n))
+            ServedModel(
+                name=n, path=path if paths else None, default=n == self.catalog.default, loaded_on=loaded.count(n),
+                versions=_versions(replicas, n),
+            )
             for n, path in self.catalog.locations.items()
-        ]
+        ]  # fmt: skip
         update = {"models": models, "replicas": replicas, "totals": ServeTotals.of(replicas)}
         return answer.model_copy(update=update if paths else {**update, "model_path": None})
 

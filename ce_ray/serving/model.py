@@ -17,6 +17,7 @@ import os
 import resource
 import time
 import weakref
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +27,11 @@ from ray import serve
 
 from ce_ray.config import ServeConfig
 from ce_ray.fusion import fused_scores
-from ce_ray.modeling import read_task, resolve_model_dir
+from ce_ray.modeling import content_hash, read_task, resolve_model_dir
 from ce_ray.serving.api import (
     ApiError,
     InfoResponse,
+    ModelVersion,
     PredictRequest,
     PredictResponse,
     PredictResult,
@@ -91,6 +93,7 @@ class LoadedModel:
     model_file: str | None
     fusion: dict[str, Any] | None = None  # {weight, normalisation, retriever, source} with serve.fusion on
     retriever: Any = None  # the SentenceTransformer fused with it (shared by the replica's models)
+    version: ModelVersion | None = None  # content hash of the model dir, and when this replica loaded it
     __weakref__: Any = field(default=None, init=False, repr=False, compare=False)
 
     def cosines(self, query: str, docs: list[str]) -> np.ndarray:
@@ -185,6 +188,7 @@ def load_model(name: str, location: str, cfg: ServeConfig) -> LoadedModel:
     )  # fmt: skip
     if retriever is not None:
         model.cosines("warm-up", ["warm-up"])
+    model.version = ModelVersion(version=content_hash(path), loaded_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return model
 
 
@@ -348,6 +352,7 @@ class CrossEncoderModel:
             model=model.name,
             model_path=model.path,
             task=model.task,
+            version=model.version,
             num_labels=model.num_labels,
             labels=model.labels,
             max_length=model.max_length,
@@ -382,6 +387,7 @@ class CrossEncoderModel:
             node_id=self._node,
             pid=os.getpid(),
             models=sorted(self._loaded.keys()),
+            versions={name: m.version for name, m in list(self._loaded.items()) if m.version is not None},
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             peak_gpu_mb=peak_gpu,
             **self._counts,
