@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--update",
         action="store_true",
         help="swap the model of the running app (--model DIR, or NAME=DIR per model) in place, with Ray Serve's "
-        "rolling update: old replicas finish what they hold, new ones load and pass health, requests wait meanwhile",
+        "rolling update: new replicas load and pass health, then old ones finish what they hold and stop",
     )
     p.add_argument("--rollback", action="store_true", help="serve again what the running app served before its last update")
     p.add_argument("--app", default="ce-ray", help="the Serve app to --update or --rollback (default ce-ray)")

@@ -643,6 +643,15 @@ class ServeConfig(_Section):
     ingress_replicas: int = Field(
         1, ge=1, description="Replicas of the HTTP ingress (it only awaits the model; one per node is plenty)."
     )
+    max_surge_percent: int = Field(
+        100,
+        ge=0,
+        le=100,
+        description="Extra replicas allowed while an update (ce-ray serve --update, serve deploy) rolls out, as a "
+        "percentage of num_replicas (Serve's max_surge_percent): above 0, new replicas start and pass health before "
+        "old ones stop, so capacity never drops; 0 = stop old replicas first (for a cluster with no room for one "
+        "more replica: requests then wait for the new ones).",
+    )
     num_cpus: float = Field(1.0, gt=0, description="CPUs per model replica (on CPU also its torch threads, rounded).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (fractions allowed).")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(

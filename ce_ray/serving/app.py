@@ -91,6 +91,8 @@ def _replica_options(cfg: ServeConfig) -> dict:
         "max_queued_requests": cfg.max_queued_requests,
         # A replica Serve stops (scale-down, redeploy) first finishes what it holds, up to the request deadline.
         "graceful_shutdown_timeout_s": cfg.request_timeout_s + 5,
+        # An update starts new replicas and lets them pass health before old ones stop (Serve's surge rollout).
+        "max_surge_percent": cfg.max_surge_percent,
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     }
 
@@ -194,6 +196,7 @@ def _application(cfg: ServeConfig, previous: ServeConfig | None = None) -> Appli
         "max_ongoing_requests": 4 * held + 100,
         # An ingress replica Serve stops (an update) answers what it holds first: each request within its deadline.
         "graceful_shutdown_timeout_s": cfg.request_timeout_s + 5,
+        "max_surge_percent": 100,  # 0 CPUs: the new ingress always fits beside the old one
     }
     return CrossEncoderAPI.options(**ingress, max_queued_requests=-1).bind(model, cfg, previous)  # -1: "no limit"
 
@@ -201,7 +204,7 @@ def _application(cfg: ServeConfig, previous: ServeConfig | None = None) -> Appli
 def health_builder(args: ServeConfig) -> Application:
     """The app answering ``GET /health`` for API app ``<name>`` (:mod:`ce_ray.serving.health`); deploy it as
     ``<name>-health`` at ``<route_prefix>/health``, with the same ``args`` as :func:`app_builder`."""
-    return Health.bind(_config(args))
+    return Health.options(max_surge_percent=100).bind(_config(args))  # 0 CPUs: an update starts the new one first
 
 
 def _config(args: ServeConfig | dict) -> ServeConfig:
@@ -272,12 +275,12 @@ def update_server(
     the settings it ran before its latest update (``rollback``); return the settings now served.
 
     Everything else (names, limits, port, key) stays as the app runs it; a single-model app keeps the name clients
-    use. Serve rolls the app over (Ray Serve's in-place update, as Kubernetes does with no surge): a few old
-    replicas at a time finish the requests they hold and stop, and new ones start, load the new model and pass
-    their health check; requests that arrive meanwhile wait in Serve's queues (each within
-    ``serve.request_timeout_s``), so none fails. With ``serve.num_replicas`` >= 2 some replicas serve throughout;
-    with one, requests wait for the new replica's start. Blocks until the app runs the new version only. The app
-    keeps its previous settings, so a rollback is one call.
+    use. Serve rolls the app over (Ray Serve's in-place update with ``serve.max_surge_percent``, 100 by default):
+    replicas of the new version start, load the new model and pass their health check, then old ones stop after
+    finishing the requests they hold, so capacity never drops and no request fails. With
+    ``max_surge_percent: 0`` old replicas stop first and requests wait in Serve's queues for the new ones (each
+    within ``serve.request_timeout_s``). Blocks until the app runs the new version only. The app keeps its
+    previous settings, so a rollback is one call.
 
     Raises:
         ConfigError: no such app, no previous version to roll back to, a name the app does not serve, or a model
