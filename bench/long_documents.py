@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--max-chunks", type=int, nargs="+", default=[8], help="serve.max_chunks_per_doc values")
     parser.add_argument("--overlap", type=int, default=16, help="serve.chunk_overlap_tokens")
     parser.add_argument("--max-query-tokens", type=int, default=64, help="serve.max_query_tokens")
-    parser.add_argument("--retriever", default="bundled:all-MiniLM-L6-v2", help="the bi-encoder reference")
+    parser.add_argument("--retriever", default="bundled:all-MiniLM-L6-v2", help="the bi-encoder reference (none: skip)")
     args = parser.parse_args()
 
     import torch
@@ -76,12 +76,13 @@ def main() -> None:
         runs[name] = score_all(scorer, dev, chunks)
         timing[name] = time.perf_counter() - started
 
-    retriever = SentenceTransformer(resolve_model_name(args.retriever), device="cpu")
-    cosines = []
-    for q, pos, neg in zip(dev["query"], dev["positive"], dev["negative"]):
-        vectors = retriever.encode([q, *pos, *neg], normalize_embeddings=True, convert_to_numpy=True)
-        cosines.append(vectors[1:] @ vectors[0])
-    runs["zero-shot bi-encoder"] = cosines
+    if args.retriever != "none":
+        retriever = SentenceTransformer(resolve_model_name(args.retriever), device="cpu")
+        cosines = []
+        for q, pos, neg in zip(dev["query"], dev["positive"], dev["negative"]):
+            vectors = retriever.encode([q, *pos, *neg], normalize_embeddings=True, convert_to_numpy=True)
+            cosines.append(vectors[1:] @ vectors[0])
+        runs["zero-shot bi-encoder"] = cosines
 
     sets = {
         "long positive, tune half": (dev["long"] & (dev["half"] == "tune")).to_numpy(),

@@ -296,8 +296,11 @@ def update_server(
             raise ConfigError(
                 f"no running Ray cluster to update app {name!r} on; start it first (ce-ray serve) or set RAY_ADDRESS"
             ) from None
-    if name not in serve.status().applications:
-        raise ConfigError(f"--name: no Serve app {name!r} is running (running: {', '.join(serve.status().applications)})")
+    deadline = time.monotonic() + 10  # a driver that has just joined may read an empty status at first
+    while name not in (running := serve.status().applications) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if name not in running:
+        raise ConfigError(f"--app: no Serve app {name!r} is running (running: {', '.join(running) or 'none'})")
     current, previous = serve.get_app_handle(name).settings.remote().result()
     if rollback:
         if previous is None:
