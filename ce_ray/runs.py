@@ -7,7 +7,8 @@ two runs silently, so the first start records the settings that define the run i
 one line naming the changed keys, unless ``run.restart`` (``--restart``) is set, which removes the
 old run's checkpoints and starts over.
 
-Part of the identity: ``task``, ``model``, the data sources (with each file's size and mtime),
+Part of the identity: ``task``, ``model``, the data sources (with each local file's size and sha256, a
+remote file's size and mtime),
 ``data.negatives``/``drop_invalid``, the loss and optimisation settings of ``train`` and, for tune, the
 search (space, searcher, scheduler, metric, refit). Not part of it (they may change on resume): the
 budget (``train.epochs``/``max_steps``/``early_stopping_patience``: a longer budget continues the run),
@@ -44,7 +45,7 @@ def _flat(raw: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def run_identity(job: JobConfig, kind: str) -> dict[str, Any]:
-    """The settings that define a run (dotted key -> value), with each data file's size and mtime."""
+    """The settings that define a run (dotted key -> value), with each data file's fingerprint (storage.stat_fingerprint)."""
     from ce_ray.data.read import source_fingerprint
 
     raw = job.to_dict()

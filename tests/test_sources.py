@@ -154,3 +154,35 @@ def test_a_run_of_several_sources_has_an_identity_that_names_each_source(tmp_pat
     frame.iloc[40:70].to_parquet(tmp_path / "source1.parquet")  # the second source's content changes
     with pytest.raises(ConfigError, match=r"data\.train\.1\.stat"):
         check_run_identity(job, "train", started=True)
+
+
+def test_a_re_synced_copy_of_the_same_bytes_resumes_and_keeps_its_prepared_data(tmp_path, nli_files):
+    """A new machine or a re-mounted volume gives the data files a new mtime, not new content: the run resumes and
+    the prepared (mined) rows are a cache hit. The same size with other bytes is another source."""
+    import os
+    import shutil
+
+    from ce_ray.data.prepare import prepare_split
+    from ce_ray.runs import check_run_identity
+
+    frame = pd.read_parquet(nli_files["train"])
+    job = _two_sources(tmp_path, [frame.head(20), frame.iloc[20:40]], f"run.output_dir={tmp_path / 'runs'}")
+    check_run_identity(job, "train", started=False)
+    first = prepare_split(job, "train")
+
+    source = tmp_path / "source0.parquet"
+    stat = os.stat(source)
+    shutil.copy(source, tmp_path / "copy.parquet")
+    os.replace(tmp_path / "copy.parquet", source)  # re-synced: the same bytes, a new file and mtime
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**12))
+    assert os.stat(source).st_mtime_ns != stat.st_mtime_ns
+    check_run_identity(job, "train", started=True)
+    written = os.stat(os.path.join(first.uri, "ce_ray_split.json")).st_mtime_ns
+    assert prepare_split(job, "train") == first  # the same key: the prepared rows are read back, not written again
+    assert os.stat(os.path.join(first.uri, "ce_ray_split.json")).st_mtime_ns == written
+
+    data = bytearray(source.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte flipped: the size is the same, the content is not
+    source.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"data\.train\.0\.stat\.sha256"):
+        check_run_identity(job, "train", started=True)
