@@ -175,7 +175,11 @@ def test_two_replicas_share_the_load_and_info_lists_both(two, rerankers):
     assert len({r["pid"] for r in replicas}) == 2
     assert sum(r["requests"] for r in replicas) == info["totals"]["requests"]
     # An open server (no API key) names the model by its directory and shows no path.
-    assert info["models"] == [{"name": Path(rerankers.a).name, "path": None, "default": True, "loaded_on": 2}]
+    (model,) = info["models"]
+    versions = model.pop("versions")
+    assert model == {"name": Path(rerankers.a).name, "path": None, "default": True, "loaded_on": 2}
+    # both replicas loaded the same files, so they serve one version
+    assert len(versions) == 1 and versions[0]["replicas"] == 2 and len(versions[0]["version"]) == 12
 
 
 def _scrape(port: int) -> str:
