@@ -27,7 +27,7 @@ demo: install
 	$(VENV)/bin/ce-ray demo
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=1200 --durations=25 tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=1200 --durations=40 tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
