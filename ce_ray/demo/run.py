@@ -98,6 +98,7 @@ def _free_port(preferred: int) -> int:
 def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = True, tune: bool = True) -> dict:
     """Run the demo (see module docstring); returns the key numbers."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ce_ray.data.prepare import cache_root
     from ce_ray.demo.data import write_demo_data
     from ce_ray.runtime import ensure_ray
     from ce_ray.training import run_training
@@ -133,7 +134,8 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
     )
 
     # [3] reranker
-    rerank = run_training(_job("demo_rerank.yaml", out, data, quick_steps), label="[3/5] rerank").summary
+    rerank_job = _job("demo_rerank.yaml", out, data, quick_steps)
+    rerank = run_training(rerank_job, label="[3/5] rerank").summary
     results["rerank"] = rerank
     lap("3 reranker training + baseline + fusion")
     _line(
@@ -156,7 +158,7 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
 
         overrides = quick_steps + (["tune.num_samples=2"] if quick else [])
         # the reranker run's prepared rows, mined negatives and retriever scores are the search's too (same key)
-        reuse = f"data.cache_dir={out / 'rerank' / 'data'}"
+        reuse = f"data.cache_dir={cache_root(rerank_job)}"
         tune_job = _job("demo_rerank.yaml", out, data, [f"run.output_dir={out / 'rerank-tune'}", "run.name=demo-rerank-tune", reuse, *overrides])
         outcome = run_tuning(tune_job)
         best = outcome.best
