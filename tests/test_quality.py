@@ -121,11 +121,15 @@ def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_mo
     from sklearn.metrics import ndcg_score
 
     reranker = CrossEncoder(final_dir)
-    assert summary["metrics_test"]["ndcg@10"] == pytest.approx(CrossEncoderRerankingEvaluator(samples, at_k=10)(reranker)["ndcg@10"])
+    pure = CrossEncoderRerankingEvaluator(samples, at_k=10)(reranker)["ndcg@10"]  # fp32 here, as the driver scores final/
+    assert summary["metrics_test"]["ndcg@10"] == pytest.approx(pure)
     assert quality["fusion"] == fusion and fusion["normalisation"] == "zscore-per-query"
     curve = {float(w): v for w, v in fusion["eval_curve"].items()}
     assert fusion["weight"] in curve and curve[fusion["weight"]] == max(curve.values()) >= curve[0.0]
-    assert curve[0.0] == pytest.approx(summary["metrics_final"]["ndcg@10"], abs=1e-3)  # w = 0 is the pure model
+    # w = 0 is the pure model (the eval rows are the dev file here). Not metrics_final: that eval round ran inside the
+    # training worker (other batches and padding), and a tiny random model's near-tied scores can reorder there
+    # (CI once saw 0.675 vs 0.683).
+    assert curve[0.0] == pytest.approx(pure, abs=1e-4)
     encoder = SentenceTransformer(resolve_model_name("bundled:all-MiniLM-L6-v2"))
     w, ndcgs = fusion["weight"], []
     for sample in samples:
