@@ -182,6 +182,26 @@ class NegativesConfig(_Section):
     )
     sampling: Literal["top", "random"] = Field("random", description="Take the top candidates, or sample among them.")
     batch_size: int = Field(256, ge=1, description="Embedding batch size for mining.")
+    num_gpus: float = Field(
+        0,
+        ge=0,
+        description="data.prepare_on: cluster: GPUs per mining actor (e.g. 1, or 0.5 for two actors per GPU); 0 = "
+        "CPU actors.",
+    )
+    concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="data.prepare_on: cluster: mining actors (each loads the encoder once); default: as many as the "
+        "cluster's GPUs (num_gpus > 0) or CPUs allow.",
+    )
+
+    seed: int = Field(
+        0, description="Seed of sampling: random (the same seed gives the same negatives on either data.prepare_on path)."
+    )
+
+    def rows_key(self) -> dict[str, Any]:
+        """The settings that change the mined rows (a cache key): not where or how fast they are mined."""
+        return self.model_dump(mode="json", exclude={"num_gpus", "concurrency"})
 
     @model_validator(mode="after")
     def _range(self) -> NegativesConfig:
@@ -227,6 +247,20 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(
         None,
         description="Where prepared (validated, shaped, mined) data is cached; default <run.output_dir>/data.",
+    )
+    prepare_on: Literal["auto", "driver", "cluster"] = Field(
+        "auto",
+        description="Where data.train is prepared: driver = in the ce-ray process (no Ray needed); cluster = a Ray "
+        "task on the biggest node other than the driver's, mining with a Ray Data actor pool of the "
+        "data.negatives.model encoder (the driver holds only metadata; the cache must be storage every node sees); "
+        "auto = cluster when data.train has more than data.prepare_cluster_rows rows or the Ray cluster has GPUs "
+        "the driver's node lacks, else driver.",
+    )
+    prepare_cluster_rows: int = Field(
+        200_000,
+        ge=0,
+        description="data.prepare_on: auto: prepare on the cluster above this many data.train rows (from the "
+        "Parquet footers and select; other formats count only through the GPU rule).",
     )
 
     @field_validator("train", mode="before")

@@ -113,3 +113,27 @@ def ray_process_pids(name: str) -> list[int]:
     import psutil
 
     return [p.pid for p in psutil.process_iter(["cmdline"]) if any(name in part for part in (p.info["cmdline"] or []))]
+
+
+def assert_same_negatives(driver: dict, cluster: dict, encoder_name: str) -> int:
+    """Two prepared rerank tables (``to_pydict()`` of query/docs/labels) hold the same negatives per query, up to ties
+    in score: where two lists differ, they are as long and their i-th negatives score within 1e-5 of each other (the
+    encoder re-scores them), i.e. only equal-scored documents swapped places. Returns how many queries differ so."""
+    from sentence_transformers import SentenceTransformer
+
+    from ce_ray.modeling import resolve_model_name
+
+    assert driver["query"] == cluster["query"]
+    differ, encoder = 0, None
+    for query, a, b, la, lb in zip(driver["query"], driver["docs"], cluster["docs"], driver["labels"], cluster["labels"]):
+        if (a, la) == (b, lb):
+            continue
+        differ += 1
+        na, nb = [d for d, lab in zip(a, la) if lab <= 0], [d for d, lab in zip(b, lb) if lab <= 0]
+        assert [d for d, lab in zip(a, la) if lab > 0] == [d for d, lab in zip(b, lb) if lab > 0] and len(na) == len(nb), (query, a, b)
+        encoder = encoder or SentenceTransformer(resolve_model_name(encoder_name))
+        emb = encoder.encode([query, *na, *nb], normalize_embeddings=True)
+        scores = emb[1:] @ emb[0]
+        for i in range(len(na)):
+            assert abs(scores[i] - scores[len(na) + i]) < 1e-5, (query, na, nb, scores)
+    return differ

@@ -104,6 +104,47 @@ def test_mining_adds_hard_negatives_that_are_not_positives(qa_files):
     assert with_negatives >= 0.8 * len(groups.queries)
 
 
+@pytest.mark.parametrize("sampling", ["top", "random"])
+def test_the_cluster_paths_search_finds_the_negatives_mine_hard_negatives_finds(qa_files, sampling):
+    """data.prepare_on: cluster mines with select_negatives (exact search in corpus blocks, the library's filters) on
+    shards of the queries; here, in one process, against sentence-transformers' mine_hard_negatives (the driver path):
+    the same candidates pass the filters, so with sampling: top the negatives are the same, best first. With random,
+    each query's draw is seeded by (seed, query), so any sharding of the queries gives the same negatives."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from ce_ray.data.mining import _mine_here, select_negatives
+    from ce_ray.modeling import resolve_model_name
+
+    mapping = "{query: question, positive: answer}"
+    job = load_job(None, ["task=rerank", f"data.train={{path: {qa_files['train']}, columns: {mapping}}}", "data.negatives.num=3",
+                          f"data.negatives.sampling={sampling}", "data.negatives.max_score=0.6", "data.negatives.range_min=1",
+                          "data.negatives.range_max=20"])  # fmt: skip
+    cfg = job.data.negatives
+    groups = rerank_groups(load_split(job, "train"))
+    pairs_q = [q for q, docs in zip(groups.queries, groups.docs) for _ in docs]
+    pairs_p = [d for docs in groups.docs for d in docs]
+    corpus = list(dict.fromkeys(pairs_p))
+    encoder = SentenceTransformer(resolve_model_name(cfg.model))
+    corpus_emb = encoder.encode_document(corpus, normalize_embeddings=True, convert_to_numpy=True)
+    query_emb = encoder.encode_query(groups.queries, normalize_embeddings=True, convert_to_numpy=True)
+    positive_ids = [[corpus.index(d) for d in docs] for docs in groups.docs]
+    max_positives = max(len(docs) for docs in groups.docs)
+
+    def search(rows: range, block: int) -> list[list[str]]:
+        found = select_negatives(query_emb[list(rows)], corpus_emb, [positive_ids[i] for i in rows], cfg, 20, max_positives, list(rows), block=block)
+        return [[corpus[i] for i in ids] for ids in found]
+
+    n = len(groups.queries)
+    whole = search(range(n), block=len(corpus))
+    assert whole == search(range(0, 40), block=17) + search(range(40, n), block=33)  # shards and corpus blocks
+    assert all(len(negatives) <= 3 and not set(negatives) & set(docs) for negatives, docs in zip(whole, groups.docs))
+    assert sum(map(len, whole)) >= 2 * n  # the filters leave most queries their 3 negatives
+    if sampling == "top":
+        library = _mine_here(pairs_q, pairs_p, None, cfg, 20, None)
+        assert whole == [library.get(q, []) for q in groups.queries]
+
+
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_every_loss_trains_a_step_on_its_shaped_data(loss, tiny_model, tmp_path, rerank_rows):
     """The shaped columns are exactly what the sentence-transformers loss consumes."""

@@ -9,6 +9,7 @@ module         step
 ``mining``     4. hard negatives where the loss needs them and the rows have none
 ``shape``      5. the exact columns of the job's loss (pure)
 ``prepare``    runs 1-5 once each, in order, caches the result as Arrow files (6. write)
+``on_cluster`` the same for data.train as a Ray task off the driver, mining with Ray Data actor pools
 =============  ===============================================================================
 """
 

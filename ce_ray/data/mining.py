@@ -9,7 +9,9 @@ without negatives (as the notebook does). Caching the result is :mod:`ce_ray.dat
 from __future__ import annotations
 
 import logging
+import warnings
 
+import numpy as np
 import pyarrow as pa
 
 from ce_ray.config import NegativesConfig
@@ -17,7 +19,7 @@ from ce_ray.data.errors import DataError
 from ce_ray.data.groups import RerankGroups
 from ce_ray.tasks import LossSpec
 
-__all__ = ["mine_negatives", "needs_mining", "with_eval_negatives"]
+__all__ = ["mine_negatives", "needs_mining", "select_negatives", "with_eval_negatives"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,21 +48,22 @@ def needs_mining(spec: LossSpec, groups: RerankGroups, mode: str) -> bool:
 
 
 def mine_negatives(
-    groups: RerankGroups, cfg: NegativesConfig, device: str | None = None, corpus: list[str] | None = None
+    groups: RerankGroups,
+    cfg: NegativesConfig,
+    device: str | None = None,
+    corpus: list[str] | None = None,
+    on_cluster: bool = False,
 ) -> RerankGroups:
-    """Add hard negatives to positive-only groups with sentence-transformers' ``mine_hard_negatives``.
+    """Add hard negatives to positive-only groups with the ``cfg.model`` bi-encoder.
 
     Every (query, positive) pair is searched against all positives of the dataset (plus ``corpus``, e.g. the
-    positives of other training sources) with the bi-encoder ``cfg.model``; candidates that are the query's own
-    positives are excluded by the library. Queries for which too few candidates pass the filters keep only what
-    was found.
+    positives of other training sources); candidates that are the query's own positives are excluded. Queries
+    for which too few candidates pass the filters keep only what was found.
+
+    In this process (``on_cluster=False``) this is sentence-transformers' ``mine_hard_negatives``; with
+    ``on_cluster=True`` it is :func:`ce_ray.data.on_cluster.mine_on_cluster`, the same search and filters
+    (:func:`select_negatives`) as Ray Data work on an actor pool. ``sampling: random`` draws with ``cfg.seed``.
     """
-    from datasets import Dataset
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.util import mine_hard_negatives
-
-    from ce_ray.modeling import resolve_model_name
-
     pairs_q, pairs_p = [], []
     for q, ds, labs in zip(groups.queries, groups.docs, groups.labels):
         for d, lab in zip(ds, labs):
@@ -69,43 +72,142 @@ def mine_negatives(
                 pairs_p.append(d)
     if not pairs_q:
         raise DataError("data.train: no positive pairs to mine negatives for")
-    encoder = SentenceTransformer(resolve_model_name(cfg.model), device=device)
-    dataset = Dataset.from_dict({"query": pairs_q, "positive": pairs_p})
     pool = len(set(pairs_p) | set(corpus or ()))
-    mined = mine_hard_negatives(
-        dataset,
-        encoder,
-        corpus=list(corpus) if corpus else None,
-        range_min=cfg.range_min,
-        range_max=min(cfg.range_max, max(pool - 1, 1)),
-        max_score=cfg.max_score,
-        relative_margin=cfg.relative_margin,
-        num_negatives=cfg.num,
-        sampling_strategy=cfg.sampling,
-        batch_size=cfg.batch_size,
-        output_format="labeled-list",
-        verbose=False,
-    )
-    by_query: dict[str, tuple[list[str], list[float]]] = {}
-    for row in mined:
-        docs, labels = by_query.setdefault(row["query"], ([], []))
-        for d, lab in zip(row[mined.column_names[1]], row[mined.column_names[2]]):
-            if d not in docs:
-                docs.append(d)
-                labels.append(float(lab))
+    range_max = min(cfg.range_max, max(pool - 1, 1))
+    if cfg.num > range_max - cfg.range_min:
+        raise DataError(
+            f"data.negatives.num: {cfg.num} negatives per query, but only {range_max - cfg.range_min} candidates "
+            f"remain (range_max {range_max} of {pool} distinct positives, minus range_min {cfg.range_min}); "
+            "lower data.negatives.num or range_min, or add rows"
+        )
+    if on_cluster:
+        from ce_ray.data.on_cluster import mine_on_cluster
+
+        by_query = mine_on_cluster(pairs_q, pairs_p, corpus, cfg, range_max)
+    else:
+        by_query = _mine_here(pairs_q, pairs_p, corpus, cfg, range_max, device)
     docs_out, labels_out = [], []
     for q, ds, labs in zip(groups.queries, groups.docs, groups.labels):
-        extra_docs, extra_labels = by_query.get(q, ([], []))
         merged_docs, merged_labels = list(ds), list(labs)
-        for d, lab in zip(extra_docs, extra_labels):
+        for d in by_query.get(q, ()):
             if d not in merged_docs:
                 merged_docs.append(d)
-                merged_labels.append(lab)
+                merged_labels.append(0.0)
         docs_out.append(merged_docs)
         labels_out.append(merged_labels)
     found = sum(sum(1 for lab in labs if lab <= 0) for labs in labels_out)
     logger.info("mined %d hard negatives for %d queries with %s", found, len(groups.queries), cfg.model)
     return RerankGroups(list(groups.queries), docs_out, labels_out, groups.kind)
+
+
+def _mine_here(
+    pairs_q: list[str], pairs_p: list[str], corpus: list[str] | None, cfg: NegativesConfig, range_max: int,
+    device: str | None,
+) -> dict[str, list[str]]:  # fmt: skip
+    """{query: its negatives, best first} from sentence-transformers' ``mine_hard_negatives`` in this process."""
+    import random
+
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    from ce_ray.modeling import resolve_model_name
+
+    encoder = SentenceTransformer(resolve_model_name(cfg.model), device=device)
+    state = random.getstate()  # the library samples with the global `random`: seeded here, restored after
+    random.seed(cfg.seed)
+    try:
+        mined = mine_hard_negatives(
+            Dataset.from_dict({"query": pairs_q, "positive": pairs_p}),
+            encoder,
+            corpus=list(corpus) if corpus else None,
+            range_min=cfg.range_min,
+            range_max=range_max,
+            max_score=cfg.max_score,
+            relative_margin=cfg.relative_margin,
+            num_negatives=cfg.num,
+            sampling_strategy=cfg.sampling,
+            batch_size=cfg.batch_size,
+            output_format="labeled-list",
+            verbose=False,
+        )
+    finally:
+        random.setstate(state)
+    by_query: dict[str, list[str]] = {}
+    for row in mined:
+        negatives = by_query.setdefault(row["query"], [])
+        for d, lab in zip(row[mined.column_names[1]], row[mined.column_names[2]]):
+            if lab <= 0 and d not in negatives:
+                negatives.append(d)
+    return by_query
+
+
+def select_negatives(
+    query_embeddings: np.ndarray,
+    corpus_embeddings: np.ndarray,
+    positive_ids: list[list[int]],
+    cfg: NegativesConfig,
+    range_max: int,
+    max_positives: int,
+    query_ids: list[int],
+    block: int = 65536,
+) -> list[list[int]]:
+    """The corpus ids of each query's hard negatives, best first: ``mine_hard_negatives``' exact search and filters.
+
+    For each query (a row of ``query_embeddings``, normalised, as are the corpus rows): the top
+    ``range_max + max_positives`` corpus rows by cosine similarity (searched block by block over the corpus,
+    so memory stays ``len(queries) x block``); its own positives dropped; candidates above
+    ``min(positive score) - |min(positive score)| * relative_margin`` or above ``max_score`` dropped; the top
+    ``range_max`` kept and the first ``range_min`` skipped; then the top ``num`` (``sampling: top``) or ``num``
+    drawn at random (``sampling: random``, seeded with ``(cfg.seed, query id)`` so the draw does not depend on
+    how queries are sharded), best first.
+    """
+    import torch
+    from sentence_transformers.util import cos_sim, pairwise_cos_sim
+
+    with warnings.catch_warnings():  # a read-only array from Ray's object store; nothing here writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        queries = torch.as_tensor(query_embeddings)
+        corpus = torch.as_tensor(corpus_embeddings)
+    want = range_max + max_positives
+    k = min(want, len(corpus))
+    best_scores, best_ids = None, None
+    for start in range(0, len(corpus), block):
+        scores = cos_sim(queries, corpus[start : start + block])
+        top_scores, top_ids = torch.topk(scores, k=min(k, scores.size(1)), dim=1)
+        top_ids = top_ids + start
+        if best_scores is not None:
+            top_scores, top_ids = torch.cat([best_scores, top_scores], 1), torch.cat([best_ids, top_ids], 1)
+            top_scores, order = torch.topk(top_scores, k=k, dim=1)
+            top_ids = torch.gather(top_ids, 1, order)
+        best_scores, best_ids = top_scores, top_ids
+    scores, ids = best_scores, best_ids
+    if want > k:  # fewer corpus rows than candidates wanted: pad as the library does
+        scores = torch.cat([scores, scores.new_full((len(scores), want - k), -float("inf"))], 1)
+        ids = torch.cat([ids, ids.new_full((len(ids), want - k), -1)], 1)
+    out = []
+    for row, (row_scores, row_ids) in enumerate(zip(scores, ids)):
+        own = torch.tensor(positive_ids[row], dtype=row_ids.dtype)
+        row_scores = row_scores.clone()
+        row_scores[row_ids == -1] = -float("inf")
+        row_scores[torch.isin(row_ids, own)] = -float("inf")
+        if cfg.relative_margin is not None:
+            positive_scores = pairwise_cos_sim(queries[row].expand(len(own), -1), corpus[own])
+            lowest = positive_scores.min()
+            row_scores[row_scores > lowest - lowest.abs() * cfg.relative_margin] = -float("inf")
+        if cfg.max_score is not None:
+            row_scores[row_scores > cfg.max_score] = -float("inf")
+        top_scores, local = torch.topk(row_scores, k=range_max)
+        top_ids = row_ids[local][cfg.range_min :]
+        top_scores = top_scores[cfg.range_min :]
+        if cfg.sampling == "top":
+            picked = list(range(cfg.num))
+        else:
+            options = max(int(len(top_scores) - torch.isinf(top_scores).sum()), cfg.num)
+            rng = np.random.default_rng([cfg.seed, int(query_ids[row])])
+            picked = sorted(rng.choice(options, size=cfg.num, replace=False).tolist(), key=lambda i: -float(top_scores[i]))
+        out.append([int(top_ids[i]) for i in picked if not torch.isinf(top_scores[i])])
+    return out
 
 
 def with_eval_negatives(table: pa.Table, cfg: NegativesConfig, device: str | None = None) -> pa.Table:

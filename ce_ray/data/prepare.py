@@ -70,6 +70,8 @@ class PreparedSplit:
     columns: list[str]
     # data.train: one entry per source, {name, key, read, dropped, rows} (rows: training rows it gives after data.mix)
     sources: list[dict[str, Any]] | None = None
+    # where it was prepared: {"path": "driver"} or {"path": "cluster", "node": Ray node id}
+    prepared_on: dict[str, Any] | None = None
 
 
 @dataclass
@@ -167,13 +169,15 @@ def _concat_groups(parts: list[RerankGroups]) -> RerankGroups:
     )  # fmt: skip
 
 
-def _mined(job: JobConfig, groups: list[RerankGroups], mine: list[bool], device: str | None) -> list[RerankGroups]:
+def _mined(
+    job: JobConfig, groups: list[RerankGroups], mine: list[bool], device: str | None, on_cluster: bool = False
+) -> list[RerankGroups]:
     """``groups`` (one per source) with mined negatives where ``mine`` says, cached by sources and mining settings.
 
     One search over all sources: the queries of the sources to mine are searched against the positives of every
     source, so a negative may come from another source.
     """
-    key = fingerprint(_rows_key(job, "train"), job.data.negatives.model_dump(mode="json"), mine, "mined-v1")
+    key = fingerprint(_rows_key(job, "train"), job.data.negatives.rows_key(), mine, "mined-v1")
     uri = storage.join(cache_root(job), f"mined-{key}")
     todo = [g for g, m in zip(groups, mine) if m]
     if storage.exists(storage.join(storage.current(uri), "dataset_info.json")):
@@ -184,7 +188,7 @@ def _mined(job: JobConfig, groups: list[RerankGroups], mine: list[bool], device:
         )  # fmt: skip
     else:
         others = [d for g, m in zip(groups, mine) if not m for ds, labs in zip(g.docs, g.labels) for d, lab in zip(ds, labs) if lab > 0]
-        mined = mine_negatives(_concat_groups(todo), job.data.negatives, device=device, corpus=others or None)
+        mined = mine_negatives(_concat_groups(todo), job.data.negatives, device=device, corpus=others or None, on_cluster=on_cluster)
         _save_table(pa.table({"query": mined.queries, "docs": mined.docs, "labels": mined.labels}), uri)
     out, start = [], 0
     for g, m in zip(groups, mine):
@@ -197,7 +201,7 @@ def _mined(job: JobConfig, groups: list[RerankGroups], mine: list[bool], device:
     return out
 
 
-def _train_tables(job: JobConfig, parts: list[CheckedRows], device: str | None) -> list[pa.Table]:
+def _train_tables(job: JobConfig, parts: list[CheckedRows], device: str | None, on_cluster: bool = False) -> list[pa.Table]:
     """Steps 3-5 for each source's training rows: group (rerank), mine when the loss needs it, shape for the loss."""
     spec = LOSSES[job.loss.name]
     if job.task != "rerank":
@@ -205,7 +209,7 @@ def _train_tables(job: JobConfig, parts: list[CheckedRows], device: str | None) 
     groups = [rerank_groups(rows) for rows in parts]
     mine = [needs_mining(spec, g, job.data.negatives.mine) for g in groups]
     if any(mine):
-        groups = _mined(job, groups, mine, device)
+        groups = _mined(job, groups, mine, device, on_cluster)
     return [shape_rows(spec, rows, g, job.data.negatives.num) for rows, g in zip(parts, groups)]
 
 
@@ -241,27 +245,35 @@ def mix_sources(job: JobConfig, tables: list[pa.Table]) -> tuple[pa.Table, list[
     return pa.concat_tables(tagged), [t.num_rows for t in tables]
 
 
-def prepare_split(job: JobConfig, split: str, device: str | None = None) -> PreparedSplit:
+def prepare_split(job: JobConfig, split: str, device: str | None = None, on_cluster: bool = False) -> PreparedSplit:
     """Read, check (and for ``train``: group, mine, shape) one split and save it; reuse a cached copy.
+
+    ``data.train`` goes to the cluster when :func:`ce_ray.data.on_cluster.prepare_where` says so (the cache is
+    checked first, here); ``on_cluster=True`` is that task's own call (mining as Ray Data work).
 
     Raises:
         ConfigError / DataError: the split is not configured, or its rows are invalid.
     """
     rows_key = _rows_key(job, split)
     if split == "train":
-        rows_key |= {"loss": LOSSES[job.loss.name].shape, "negatives": job.data.negatives.model_dump(mode="json")}
+        rows_key |= {"loss": LOSSES[job.loss.name].shape, "negatives": job.data.negatives.rows_key()}
     elif job.task == "rerank":  # eval rows may get mined negatives
-        rows_key |= {"negatives": job.data.negatives.model_dump(mode="json")}
+        rows_key |= {"negatives": job.data.negatives.rows_key()}
     uri = storage.join(cache_root(job), f"{split}-{fingerprint(rows_key, 'v1')}")
     meta_uri = storage.join(uri, "ce_ray_split.json")
     if storage.exists(meta_uri):
         logger.info("data.%s: using prepared rows at %s", split, uri)
         return PreparedSplit(**storage.read_json(meta_uri))
     sources = None
+    if split == "train" and not on_cluster:
+        from ce_ray.data.on_cluster import prepare_on_cluster, prepare_where
+
+        if prepare_where(job) == "cluster":
+            return prepare_on_cluster(job)
     if split == "train":
         parts = load_sources(job)
         _same_layout(job, parts)
-        table, given = mix_sources(job, _train_tables(job, parts, device))
+        table, given = mix_sources(job, _train_tables(job, parts, device, on_cluster))
         dropped = sum(p.dropped for p in parts)
         sources = [
             {"name": src.label(), "key": job.data.train_key(i), "read": p.num_rows + p.dropped, "dropped": p.dropped,
@@ -273,7 +285,14 @@ def prepare_split(job: JobConfig, split: str, device: str | None = None) -> Prep
         dropped = rows.dropped
         table = with_eval_negatives(rows.table, job.data.negatives, device=device) if job.task == "rerank" else rows.table
     _save_table(table, uri)
-    prepared = PreparedSplit(uri=uri, rows=table.num_rows, dropped=dropped, columns=table.column_names, sources=sources)
+    where: dict[str, Any] = {"path": "driver"}
+    if on_cluster:
+        import ray
+
+        where = {"path": "cluster", "node": ray.get_runtime_context().get_node_id()}
+    prepared = PreparedSplit(
+        uri=uri, rows=table.num_rows, dropped=dropped, columns=table.column_names, sources=sources, prepared_on=where
+    )
     storage.write_json(meta_uri, asdict(prepared))
     return prepared
 

@@ -1,0 +1,280 @@
+"""Preparing ``data.train`` on the Ray cluster instead of in the driver (``data.prepare_on``).
+
+On a real cluster the driver is the ``ray job submit`` entrypoint on the head node, which is usually small and
+has no GPU. With ``data.prepare_on: cluster`` (or ``auto`` above ``data.prepare_cluster_rows`` rows, or when
+the cluster has GPUs the driver's node lacks) the driver holds only metadata:
+
+- :func:`prepare_on_cluster` runs the train split's steps (read, check, group, mine, shape, write:
+  :func:`ce_ray.data.prepare.prepare_split`) as one Ray task on the node with the most GPUs, then CPUs, other
+  than the driver's. It writes under the same cache key as the driver path, to storage every node sees. A bad
+  row raises the same :class:`~ce_ray.data.errors.DataError` on the driver, before training starts; a task
+  lost with its node is retried (``max_retries``), and a second run is a cache hit that starts no task.
+- :func:`mine_on_cluster` is its mining step as Ray Data work: an actor pool of the ``data.negatives.model``
+  encoder embeds the corpus (every positive, plus other sources' positives) and the queries
+  (``map_batches``; ``data.negatives.num_gpus`` / ``concurrency``), then a second actor pool, each actor
+  holding the corpus embeddings once (one object-store copy per node), runs the exact top-k search and
+  ``mine_hard_negatives``' filters over shards of the queries (:func:`ce_ray.data.mining.select_negatives`).
+  With ``sampling: top`` the negatives are the driver path's, up to ties in score.
+
+What is not spread out: reading, checking and shaping run inside the one preparation task (on a worker node,
+not the driver), and the corpus embeddings are gathered there before the search.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from ce_ray import storage
+from ce_ray.config import ConfigError, JobConfig, NegativesConfig
+from ce_ray.data.errors import DataError
+
+if TYPE_CHECKING:
+    from ce_ray.data.prepare import PreparedSplit
+
+__all__ = ["estimated_train_rows", "mine_on_cluster", "prepare_on_cluster", "prepare_where"]
+
+logger = logging.getLogger(__name__)
+
+
+def estimated_train_rows(job: JobConfig) -> int | None:
+    """``data.train``'s rows from the Parquet footers (and ``select``), without reading the rows; None when a
+    source is not a Parquet file (JSONL, CSV, hub)."""
+    import pyarrow.parquet as pq
+
+    total = 0
+    for src in job.data.train_sources:
+        if src.path is None or not (src.format == "parquet" or src.path.lower().split("?")[0].endswith(".parquet")):
+            return None
+        fs, path = storage.filesystem_and_path(src.path)
+        try:
+            rows = pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
+        except (OSError, ValueError):
+            return None  # a missing or bad file is reported by the read step, with its key
+        rows = max(rows - src.offset, 0)
+        total += rows if src.select is None else min(rows, src.select)
+    return total
+
+
+def _cluster_has_gpus_the_driver_lacks() -> bool:
+    """Only for a driver already on a Ray cluster (``ray job submit``, ``RAY_ADDRESS``): no local Ray is started."""
+    if not (os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID")):
+        import ray
+
+        if not ray.is_initialized():
+            return False
+    import ray
+
+    from ce_ray.runtime import ensure_ray
+
+    ensure_ray()
+    here = ray.get_runtime_context().get_node_id()
+    local = next((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["NodeID"] == here), 0)
+    return ray.cluster_resources().get("GPU", 0) > local
+
+
+def prepare_where(job: JobConfig) -> str:
+    """``driver`` or ``cluster``: where ``data.train`` of this job is prepared (``data.prepare_on``)."""
+    if job.data.prepare_on != "auto":
+        return job.data.prepare_on
+    rows = estimated_train_rows(job)
+    if rows is not None and rows > job.data.prepare_cluster_rows:
+        return "cluster"
+    return "cluster" if _cluster_has_gpus_the_driver_lacks() else "driver"
+
+
+def _preparation_node() -> str | None:
+    """The alive node, other than the driver's, with the most GPUs then CPUs (None: there is only the driver's)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [
+        n for n in ray.nodes()
+        if n["Alive"] and n["NodeID"] != here and (n["Resources"].get("CPU", 0) or n["Resources"].get("GPU", 0))
+    ]  # fmt: skip
+    if not nodes:
+        return None
+    return max(nodes, key=lambda n: (n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0)))["NodeID"]
+
+
+def _prepare_train(job: JobConfig) -> dict[str, Any]:
+    """The Ray task: :func:`prepare_split` of the train split, mining with :func:`mine_on_cluster`."""
+    from dataclasses import asdict
+
+    from ce_ray.data.prepare import prepare_split
+
+    return asdict(prepare_split(job, "train", on_cluster=True))
+
+
+def prepare_on_cluster(job: JobConfig) -> PreparedSplit:
+    """Prepare ``data.train`` as one Ray task off the driver's node (see the module docstring).
+
+    Raises:
+        ConfigError / DataError: as the driver path raises them (re-raised here from the task).
+        ConfigError: the task wrote the rows to storage this node cannot see (a node-local ``data.cache_dir``).
+    """
+    import ray
+    from ray.exceptions import RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from ce_ray.data.prepare import PreparedSplit
+    from ce_ray.runtime import ensure_ray
+
+    ensure_ray()
+    node = _preparation_node()
+    options: dict[str, Any] = {"num_cpus": 0, "max_retries": 2, "retry_exceptions": False, "name": "ce_ray.prepare_train"}
+    if node is not None:  # soft: if that node is lost, the retry goes wherever there is room
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+    task = ray.remote(_prepare_train).options(**options)
+    try:
+        raw = ray.get(task.remote(job))
+    except RayTaskError as exc:
+        if isinstance(exc.cause, (DataError, ConfigError)):
+            raise exc.cause from None
+        raise
+    split = PreparedSplit(**raw)
+    if not storage.exists(storage.join(split.uri, "ce_ray_split.json")):
+        raise ConfigError(
+            f"data.cache_dir: the cluster prepared data.train at {split.uri}, which this node cannot see; with "
+            "data.prepare_on: cluster, put run.output_dir or data.cache_dir on storage every node sees (s3://, gs://, "
+            "a shared file system)"
+        )
+    return split
+
+
+# --------------------------------------------------------------------------------------------
+# mining as Ray Data work
+# --------------------------------------------------------------------------------------------
+class _Encoder:
+    """A Ray Data actor: ``data.negatives.model`` loaded once; rows ``{id, text, query}`` -> ``{id, embedding}``."""
+
+    def __init__(self, model: str, batch_size: int):
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        from ce_ray.modeling import resolve_model_name
+
+        self.model = SentenceTransformer(resolve_model_name(model), device="cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        texts, is_query = list(batch["text"]), batch["query"].astype(bool)
+        out = np.zeros((len(texts), self.model.get_sentence_embedding_dimension()), dtype=np.float32)
+        for mask, encode in ((is_query, self.model.encode_query), (~is_query, self.model.encode_document)):
+            if mask.any():
+                out[mask] = encode(
+                    [t for t, m in zip(texts, mask) if m], batch_size=self.batch_size, normalize_embeddings=True,
+                    convert_to_numpy=True, show_progress_bar=False,
+                )  # fmt: skip
+        return {"id": batch["id"], "embedding": out}
+
+
+class _Searcher:
+    """A Ray Data actor holding the corpus embeddings once; rows ``{q, row, positives}`` -> ``{q, negatives}``."""
+
+    def __init__(self, embeddings: list, n_corpus: int, cfg: dict, range_max: int, max_positives: int):
+        import ray
+
+        (self.embeddings,) = ray.get(embeddings)  # a list, so Ray hands over the reference, not the array
+        self.n_corpus = n_corpus
+        self.cfg = NegativesConfig(**cfg)
+        self.range_max, self.max_positives = range_max, max_positives
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        from ce_ray.data.mining import select_negatives
+
+        found = select_negatives(
+            self.embeddings[batch["row"]], self.embeddings[: self.n_corpus], [list(p) for p in batch["positives"]],
+            self.cfg, self.range_max, self.max_positives, list(batch["q"]),
+        )  # fmt: skip
+        negatives = np.empty(len(found), dtype=object)
+        negatives[:] = [np.asarray(ids, dtype=np.int64) for ids in found]
+        return {"q": batch["q"], "negatives": negatives}
+
+
+def _actors(cfg: NegativesConfig) -> int:
+    import ray
+
+    if cfg.concurrency:
+        return cfg.concurrency
+    resources = ray.cluster_resources()
+    if cfg.num_gpus > 0:
+        return max(1, int(resources.get("GPU", 0) / cfg.num_gpus))
+    return max(1, int(resources.get("CPU", 1)))
+
+
+def mine_on_cluster(
+    pairs_q: list[str], pairs_p: list[str], corpus: list[str] | None, cfg: NegativesConfig, range_max: int
+) -> dict[str, list[str]]:
+    """{query: its negatives, best first}: ``mine_hard_negatives``' corpus, search and filters as Ray Data work.
+
+    The corpus is the library's: the positives, after ``corpus`` (the other sources' positives), each once;
+    queries are searched once each (a query with several positives excludes all of them).
+    """
+    import numpy as np
+    import pyarrow as pa
+    import ray
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    texts = list(dict.fromkeys(list(corpus or ()) + pairs_p))
+    at = {t: i for i, t in enumerate(texts)}
+    queries = list(dict.fromkeys(pairs_q))
+    positives: dict[str, list[int]] = {}
+    for q, p in zip(pairs_q, pairs_p):
+        ids = positives.setdefault(q, [])
+        if at[p] not in ids:
+            ids.append(at[p])
+    max_positives = max(np.unique(np.asarray(pairs_q, dtype=object), return_counts=True)[1])
+    n_corpus, total = len(texts), len(texts) + len(queries)
+    actors = _actors(cfg)
+    remote = {"num_cpus": 1, "num_gpus": cfg.num_gpus} if cfg.num_gpus > 0 else {"num_cpus": 1}
+
+    # 1. embed the corpus and the queries with an encoder actor pool
+    rows = pa.table({"id": np.arange(total), "text": texts + queries, "query": np.arange(total) >= n_corpus})
+    block = max(cfg.batch_size, -(-total // (actors * 8)))
+    embedded = ray.data.from_arrow([rows.slice(i, block) for i in range(0, total, block)]).map_batches(
+        _Encoder, fn_constructor_kwargs={"model": cfg.model, "batch_size": cfg.batch_size},
+        batch_size=cfg.batch_size * 4, compute=ray.data.ActorPoolStrategy(size=actors), **remote,
+    )  # fmt: skip
+    embeddings, done, started, said = None, 0, time.monotonic(), time.monotonic()
+    for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+        if embeddings is None:
+            embeddings = np.zeros((total, batch["embedding"].shape[1]), dtype=np.float32)
+        embeddings[batch["id"]] = batch["embedding"]
+        done += len(batch["id"])
+        if time.monotonic() - said > 10 or done == total:
+            rate = done / max(time.monotonic() - started, 1e-9)
+            print(
+                f"prepare: embedded {done:,}/{total:,} texts on {actors} actor(s), {rate:,.0f} texts/s, "
+                f"ETA {(total - done) / rate:,.0f}s", flush=True,
+            )  # fmt: skip
+            said = time.monotonic()
+
+    # 2. exact top-k search and the filters, queries sharded over actors that each hold the embeddings once
+    ref = ray.put(embeddings)
+    search = pa.table({
+        "q": np.arange(len(queries)), "row": np.arange(n_corpus, total),
+        "positives": [positives[q] for q in queries],
+    })  # fmt: skip
+    shard = max(1, -(-len(queries) // (actors * 4)))
+    found = ray.data.from_arrow([search.slice(i, shard) for i in range(0, len(queries), shard)]).map_batches(
+        _Searcher,
+        fn_constructor_kwargs={
+            "embeddings": [ref], "n_corpus": n_corpus, "cfg": cfg.model_dump(), "range_max": range_max,
+            "max_positives": int(max_positives),
+        },
+        batch_size=256, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+    )  # fmt: skip
+    by_query: dict[str, list[str]] = {}
+    for batch in found.iter_batches(batch_size=None, batch_format="numpy"):
+        for q, ids in zip(batch["q"], batch["negatives"]):
+            by_query[queries[int(q)]] = [texts[i] for i in ids]
+    del ref
+    return by_query
