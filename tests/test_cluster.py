@@ -199,8 +199,9 @@ class LocalCluster:
     offline Hugging Face hub, this environment's ``bin/`` first on PATH.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, head_cpus: int = 2, worker_cpus: int = 1):
         self.root = root
+        self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
         self.token = secrets.token_hex(32)
         token_file = root / "auth_token"
         token_file.write_text(self.token)
@@ -232,13 +233,13 @@ class LocalCluster:
             "head",
             "--head",
             f"--port={self.gcs_port}",
-            "--num-cpus=2",  # room for both training workers once the worker node is gone
+            f"--num-cpus={self.head_cpus}",  # 2: room for both training workers once the worker node is gone
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={free_port()}",
         )
         _wait_for(self._gcs_listening, 90, "the head's GCS", abort=self._exited)
-        self._start_node("worker", f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=1")
+        self._start_node("worker", f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={self.worker_cpus}")
         self.wait_for_nodes(2, timeout=90)
 
     def _start_node(self, name: str, *args: str) -> None:
@@ -401,6 +402,86 @@ def _is_model_dir(path: Path) -> bool:
 # --------------------------------------------------------------------------------------------
 # jobs on the cluster
 # --------------------------------------------------------------------------------------------
+@pytest.fixture()
+def cpu_less_head(tmp_path_factory):
+    """A cluster whose head offers no CPUs for tasks (as a small head node should): work must land on the worker.
+    Function-scoped and first in the file, so it is gone before the module's `cluster` starts."""
+    c = LocalCluster(Path(tempfile.mkdtemp(prefix="cerh", dir="/tmp")), head_cpus=0, worker_cpus=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+        try:
+            c.start()
+            yield c
+        finally:
+            c.shutdown()
+
+
+@pytest.mark.slow
+def test_a_20k_pair_job_prepares_on_the_worker_node_and_trains_from_what_it_wrote(cpu_less_head, tiny_model, tmp_path):
+    """data.prepare_on: cluster. The driver (the job's entrypoint, on the head) holds only metadata: the preparation
+    task and its Ray Data actors can only run on the worker, since the head has no CPUs. The negatives are the driver
+    path's, up to ties in score."""
+    import random
+
+    import pandas as pd
+
+    from ce_ray.data import load_prepared, prepare_split
+    from conftest import assert_same_negatives
+
+    cluster, auth = cpu_less_head, {"address": cpu_less_head.address, "token": cpu_less_head.token}
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(5000)]
+    text = lambda n: " ".join(rng.choices(words, k=n))  # noqa: E731
+    pd.DataFrame({"question": [text(8) for _ in range(20_000)], "answer": [text(24) for _ in range(20_000)]}).to_parquet(
+        tmp_path / "pairs.parquet"
+    )
+    pd.DataFrame({"query": [text(8) for _ in range(16)], "positive": [[text(24)] for _ in range(16)],
+                  "negative": [[text(24), text(24)] for _ in range(16)]}).to_parquet(tmp_path / "eval.parquet")  # fmt: skip
+    job = {
+        "task": "rerank",
+        "model": {"name": tiny_model, "max_length": 64},
+        "data": {
+            "train": {"path": str(tmp_path / "pairs.parquet"), "columns": {"query": "question", "positive": "answer"}},
+            "eval": str(tmp_path / "eval.parquet"),
+            "prepare_on": "cluster",
+            # the tiny random encoder scores everything alike: no score filters, the top candidates
+            "negatives": {"model": tiny_model, "num": 3, "sampling": "top", "max_score": None, "relative_margin": None},
+        },
+        "train": {"loss": "LambdaLoss", "batch_size": 8, "max_steps": 2},
+        "eval": {"baseline": "none"},
+        "run": {"output_dir": f"file://{tmp_path / 'out'}", "name": "prep", "checkpoint_every": 2},
+    }
+    path = tmp_path / "prepare.yaml"
+    path.write_text(yaml.safe_dump(job))
+    job_id = ray_jobs.submit(str(path), "train", runtime_env=None, **auth)
+    status = ray_jobs.wait(job_id, timeout=600, poll_s=0.5, **auth)
+    logs = cluster.job_logs(job_id)
+    assert status.value == "SUCCEEDED", logs
+
+    nodes = cluster.node_ids()
+    (meta,) = (tmp_path / "out" / "data").glob("train-*/ce_ray_split.json")
+    split = json.loads(meta.read_text())
+    assert split["prepared_on"] == {"path": "cluster", "node": nodes["worker"]} and split["rows"] == 20_000
+    # the driver's console shows the task's progress (the queue's lines, not the task's log)
+    assert re.search(r"prepare: embedded 40,000/40,000 texts on 2 actor\(s\), [0-9,]+ texts/s, ETA 0s", logs), logs
+    assert "prepare: searched 20,000/20,000 queries" in logs, logs
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["train_rows"] == 20_000 and summary["nodes"] == [nodes["worker"]]
+    assert _is_model_dir(tmp_path / "out" / "final")
+
+    # the driver path, here, on the same rows: the same negatives up to ties
+    from ce_ray.config import load_job
+
+    local = load_job(path, [f"run.output_dir={tmp_path / 'driver'}", "data.prepare_on=driver"])
+    driver = prepare_split(local, "train")
+    a = load_prepared(driver.uri).data.table.to_pydict()
+    b = load_prepared(str(meta.parent)).data.table.to_pydict()
+    assert meta.parent.name == driver.uri.rsplit("/", 1)[-1], "the same cache key on both paths"
+    assert sum(1 for labels in b["labels"] if 0.0 in labels) == 20_000
+    assert assert_same_negatives(a, b, tiny_model) <= 200  # near-ties of a random encoder, each checked
+
+
 @pytest.mark.slow
 def test_jobs_api_refuses_a_wrong_token(cluster):
     from ray.exceptions import AuthenticationError

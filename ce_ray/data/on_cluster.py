@@ -22,12 +22,14 @@ not the driver), and the corpus embeddings are gathered there before the search.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from ce_ray import storage
+from ce_ray import console, storage
 from ce_ray.config import ConfigError, JobConfig, NegativesConfig
 from ce_ray.data.errors import DataError
 
@@ -99,12 +101,26 @@ def _preparation_node() -> str | None:
     return max(nodes, key=lambda n: (n["Resources"].get("GPU", 0), n["Resources"].get("CPU", 0)))["NodeID"]
 
 
-def _prepare_train(job: JobConfig) -> dict[str, Any]:
+_progress = None  # in the preparation task: the driver's queue for progress lines
+
+
+def _say(text: str) -> None:
+    """A progress line: to the driver's console (live line) when it listens, and to this task's log."""
+    print(text, flush=True)
+    if _progress is not None:
+        with contextlib.suppress(Exception):  # progress is best effort; the preparation goes on
+            _progress.put_nowait(text)
+
+
+def _prepare_train(job: JobConfig, progress) -> dict[str, Any]:
     """The Ray task: :func:`prepare_split` of the train split, mining with :func:`mine_on_cluster`."""
-    from dataclasses import asdict
+    import ray
 
     from ce_ray.data.prepare import prepare_split
 
+    global _progress
+    _progress = progress
+    _say(f"prepare: reading and checking {job.data.describe_train()} on node {ray.get_runtime_context().get_node_id()[:8]}")
     return asdict(prepare_split(job, "train", on_cluster=True))
 
 
@@ -123,17 +139,35 @@ def prepare_on_cluster(job: JobConfig) -> PreparedSplit:
     from ce_ray.runtime import ensure_ray
 
     ensure_ray()
+    from ray.util.queue import Queue
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     node = _preparation_node()
     options: dict[str, Any] = {"num_cpus": 0, "max_retries": 2, "retry_exceptions": False, "name": "ce_ray.prepare_train"}
     if node is not None:  # soft: if that node is lost, the retry goes wherever there is room
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
     task = ray.remote(_prepare_train).options(**options)
+    ref = task.remote(job, progress)
+    shown = console.active()
     try:
-        raw = ray.get(task.remote(job))
+        while not ray.wait([ref], timeout=0.5)[0]:
+            while not progress.empty():
+                text = progress.get_nowait()
+                shown.live(text) if shown else None
+        raw = ray.get(ref)
     except RayTaskError as exc:
         if isinstance(exc.cause, (DataError, ConfigError)):
             raise exc.cause from None
         raise
+    finally:
+        while not progress.empty():
+            text = progress.get_nowait()
+            shown.live(text) if shown else None
+        if shown:
+            shown.end_live()
+        with contextlib.suppress(Exception):
+            progress.shutdown()
     split = PreparedSplit(**raw)
     if not storage.exists(storage.join(split.uri, "ce_ray_split.json")):
         raise ConfigError(
@@ -251,10 +285,10 @@ def mine_on_cluster(
         done += len(batch["id"])
         if time.monotonic() - said > 10 or done == total:
             rate = done / max(time.monotonic() - started, 1e-9)
-            print(
+            _say(
                 f"prepare: embedded {done:,}/{total:,} texts on {actors} actor(s), {rate:,.0f} texts/s, "
-                f"ETA {(total - done) / rate:,.0f}s", flush=True,
-            )  # fmt: skip
+                f"ETA {(total - done) / rate:,.0f}s"
+            )
             said = time.monotonic()
 
     # 2. exact top-k search and the filters, queries sharded over actors that each hold the embeddings once
@@ -273,8 +307,16 @@ def mine_on_cluster(
         batch_size=256, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
     )  # fmt: skip
     by_query: dict[str, list[str]] = {}
+    started, said = time.monotonic(), time.monotonic()
     for batch in found.iter_batches(batch_size=None, batch_format="numpy"):
         for q, ids in zip(batch["q"], batch["negatives"]):
             by_query[queries[int(q)]] = [texts[i] for i in ids]
+        if time.monotonic() - said > 10 or len(by_query) == len(queries):
+            rate = len(by_query) / max(time.monotonic() - started, 1e-9)
+            _say(
+                f"prepare: searched {len(by_query):,}/{len(queries):,} queries, {rate:,.0f} queries/s, "
+                f"ETA {(len(queries) - len(by_query)) / rate:,.0f}s"
+            )
+            said = time.monotonic()
     del ref
     return by_query
