@@ -22,6 +22,20 @@ previous implementation:
     python bench/prepare_scale.py --check-module /tmp/old_check.py --label before
 
 Goal: 1M rows through the full prepare_split in under 60 s on a 2-core machine.
+
+``--task rerank`` measures mining instead (issue 24): N synthetic (question, answer) pairs (questions 30-80
+characters, answers 80-200), a LambdaLoss job that mines 3 hard negatives per question (``sampling: top``), and
+per size the full ``prepare_split`` on each path, each in a fresh process with its own local Ray:
+
+  ``driver``: sentence-transformers' ``mine_hard_negatives`` in the process;
+  ``cluster-1`` / ``cluster-2``: ``data.prepare_on: cluster`` with ``data.negatives.concurrency`` 1 / 2.
+
+Printed: seconds, embedding throughput (texts/s, from the task's progress line: all texts over the embedding
+stage's wall time, actor start-up included), the driver process's peak RSS, and the largest peak RSS of each kind
+of Ray worker (the preparation task, an encoder actor, a search actor), sampled every 0.2 s.
+
+    python bench/prepare_scale.py --task rerank --rows 10000 100000 1000000 --model /path/to/tiny-encoder
+    python bench/prepare_scale.py --task rerank --rows 10000 --model bundled:all-MiniLM-L6-v2 --runs cluster-1 cluster-2
 """
 
 from __future__ import annotations
@@ -161,18 +175,143 @@ def _child(mode: str, path: str, out_dir: str, check_module: str | None, drop_in
     print(json.dumps({"seconds": seconds, "peak_mib": peak, "growth_mib": peak - base, "kept": kept, "dropped": dropped}))
 
 
+def make_pairs(n: int, seed: int = 0):
+    """The synthetic rerank pairs (question, answer), every row different."""
+    import numpy as np
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    return pa.table({"question": _sentences(rng, n, 30, 80), "answer": _sentences(rng, n, 80, 200)})
+
+
+class _WorkerPeaks:
+    """Peak RSS (MiB) per kind of Ray worker process, sampled from a thread every 0.2 s."""
+
+    KINDS = {"prepare_train": "task", "_Encoder": "encoder", "_Searcher": "search"}
+
+    def __init__(self):
+        import threading
+
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.2):
+            for proc in psutil.process_iter(["cmdline", "memory_info"]):
+                line = " ".join(proc.info["cmdline"] or ())
+                if not line.startswith("ray::") or proc.info["memory_info"] is None:
+                    continue
+                for marker, kind in self.KINDS.items():
+                    if marker in line:
+                        rss = proc.info["memory_info"].rss / 2**20
+                        self.peaks[kind] = max(self.peaks.get(kind, 0.0), rss)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
+
+
+def _rerank_child(mode: str, path: str, out_dir: str, model: str) -> None:
+    """One rerank preparation in this (fresh) process; prints one JSON line."""
+    import logging
+
+    from ce_ray.config import load_job
+    from ce_ray.data import prepare
+
+    where, _, actors = mode.partition("-")
+    overrides = [
+        "task=rerank", "train.loss=LambdaLoss", f"data.train={{path: {path}, columns: {{query: question, positive: answer}}}}",
+        f"run.output_dir={out_dir}", f"data.prepare_on={where}", f"data.negatives.model={model}", "data.negatives.num=3",
+        "data.negatives.sampling=top", "data.negatives.max_score=null", "data.negatives.relative_margin=null",
+    ]  # fmt: skip
+    if actors:
+        overrides.append(f"data.negatives.concurrency={actors}")
+    job = load_job(None, overrides)
+    logging.getLogger("ce_ray.data").setLevel(logging.ERROR)
+    if where == "cluster":
+        from ce_ray.runtime import ensure_ray
+
+        ensure_ray()  # not timed: a cluster is up before a job starts
+    base = _status_mib("VmRSS")
+    _reset_peak()
+    peaks = _WorkerPeaks()
+    start = time.perf_counter()
+    split = prepare.prepare_split(job, "train")
+    seconds = time.perf_counter() - start
+    workers = peaks.stop()
+    peak = _peak_mib()
+    print(json.dumps({"seconds": seconds, "peak_mib": peak, "growth_mib": peak - base, "kept": split.rows, "workers": workers}))
+
+
+def rerank_main(args) -> None:
+    import re
+
+    import pyarrow.parquet as pq
+
+    runs = [r for r in args.runs if r not in ("check", "prepare")] or ["driver", "cluster-1", "cluster-2"]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ce_ray_scale_") as tmp:
+        for n in args.rows:
+            path = Path(tmp) / f"pairs-{n}.parquet"
+            pq.write_table(make_pairs(n), path)
+            for mode in runs:
+                if mode == "driver" and n > args.driver_max_rows:
+                    results.append({"rows": n, "run": mode, "skipped": f"over --driver-max-rows {args.driver_max_rows:,}"})
+                    continue
+                out_dir = Path(tmp) / f"run-{n}-{mode}"
+                cmd = [sys.executable, __file__, "--task", "rerank", "--model", args.model, "--child", mode, str(path), str(out_dir)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                if proc.returncode != 0:
+                    sys.exit(f"{mode} on {n:,} pairs failed:\n{proc.stderr[-4000:]}")
+                row = json.loads(proc.stdout.strip().splitlines()[-1]) | {"rows": n, "run": mode}
+                rates = re.findall(r"prepare: embedded [\d,]+/[\d,]+ texts on \d+ actor\(s\), ([\d,]+) texts/s", proc.stdout + proc.stderr)
+                row["texts_per_s"] = float(rates[-1].replace(",", "")) if rates else None
+                results.append(row)
+                print(f"  {mode} {n:,} pairs: {row['seconds']:.1f} s, driver peak {row['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+
+    print(f"\nsynthetic rerank pairs, 3 hard negatives each (sampling top), encoder {args.model}; {os.cpu_count()} CPUs")
+    print("| pairs | path | seconds | embed texts/s | driver peak MiB | task peak MiB | encoder actor peak MiB | search actor peak MiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        if "skipped" in r:
+            print(f"| {r['rows']:,} | {r['run']} | skipped ({r['skipped']}) | | | | | |")
+            continue
+        w = r["workers"]
+        cell = lambda k: f"{w[k]:,.0f}" if k in w else "-"  # noqa: E731
+        rate = f"{r['texts_per_s']:,.0f}" if r["texts_per_s"] else "-"
+        print(f"| {r['rows']:,} | {r['run']} | {r['seconds']:,.1f} | {rate} | {r['peak_mib']:,.0f} | {cell('task')} | {cell('encoder')} | {cell('search')} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--bad-share", type=float, default=0.0, help="share of rows made invalid (then data.drop_invalid: true)")
-    parser.add_argument("--runs", nargs="+", choices=["check", "prepare"], default=["check", "prepare"])
+    parser.add_argument("--task", choices=["nli", "rerank"], default="nli")
+    parser.add_argument("--runs", nargs="+", choices=["check", "prepare", "driver", "cluster-1", "cluster-2"], default=["check", "prepare"])
+    parser.add_argument("--model", default="bundled:all-MiniLM-L6-v2", help="rerank: data.negatives.model")
+    parser.add_argument("--driver-max-rows", type=int, default=100_000,
+                        help="rerank: skip the driver path above this (mine_hard_negatives scores 16,384 queries x the "
+                        "whole corpus at once: 64 GB at 1M pairs)")  # fmt: skip
     parser.add_argument("--check-module", help="a .py file whose check_rows replaces ce-ray's (before/after numbers)")
     parser.add_argument("--label", default=None, help="name of this implementation in the table (default: ce-ray, or the module's file name)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "PARQUET", "OUT_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.task == "rerank":
+        _rerank_child(*args.child, args.model)
+        return
     if args.child:
         _child(*args.child, args.check_module, args.bad_share > 0)
+        return
+    if args.task == "rerank":
+        rerank_main(args)
         return
 
     import pyarrow.parquet as pq

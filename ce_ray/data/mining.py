@@ -151,6 +151,7 @@ def select_negatives(
     max_positives: int,
     query_ids: list[int],
     block: int = 65536,
+    device: str = "cpu",
 ) -> list[list[int]]:
     """The corpus ids of each query's hard negatives, best first: ``mine_hard_negatives``' exact search and filters.
 
@@ -160,20 +161,21 @@ def select_negatives(
     ``min(positive score) - |min(positive score)| * relative_margin`` or above ``max_score`` dropped; the top
     ``range_max`` kept and the first ``range_min`` skipped; then the top ``num`` (``sampling: top``) or ``num``
     drawn at random (``sampling: random``, seeded with ``(cfg.seed, query id)`` so the draw does not depend on
-    how queries are sharded), best first.
+    how queries are sharded), best first. ``device``: where the similarities and the top-k run (``cuda`` on a GPU
+    actor); the per-query filters run on the CPU.
     """
     import torch
     from sentence_transformers.util import cos_sim, pairwise_cos_sim
 
     with warnings.catch_warnings():  # a read-only array from Ray's object store; nothing here writes to it
         warnings.simplefilter("ignore", UserWarning)
-        queries = torch.as_tensor(query_embeddings)
+        queries = torch.as_tensor(query_embeddings).to(device)
         corpus = torch.as_tensor(corpus_embeddings)
     want = range_max + max_positives
     k = min(want, len(corpus))
     best_scores, best_ids = None, None
     for start in range(0, len(corpus), block):
-        scores = cos_sim(queries, corpus[start : start + block])
+        scores = cos_sim(queries, corpus[start : start + block].to(device))
         top_scores, top_ids = torch.topk(scores, k=min(k, scores.size(1)), dim=1)
         top_ids = top_ids + start
         if best_scores is not None:
@@ -181,7 +183,7 @@ def select_negatives(
             top_scores, order = torch.topk(top_scores, k=k, dim=1)
             top_ids = torch.gather(top_ids, 1, order)
         best_scores, best_ids = top_scores, top_ids
-    scores, ids = best_scores, best_ids
+    scores, ids, queries = best_scores.cpu(), best_ids.cpu(), queries.cpu()
     if want > k:  # fewer corpus rows than candidates wanted: pad as the library does
         scores = torch.cat([scores, scores.new_full((len(scores), want - k), -float("inf"))], 1)
         ids = torch.cat([ids, ids.new_full((len(ids), want - k), -1)], 1)

@@ -12,8 +12,9 @@ the cluster has GPUs the driver's node lacks) the driver holds only metadata:
 - :func:`mine_on_cluster` is its mining step as Ray Data work: an actor pool of the ``data.negatives.model``
   encoder embeds the corpus (every positive, plus other sources' positives) and the queries
   (``map_batches``; ``data.negatives.num_gpus`` / ``concurrency``), then a second actor pool, each actor
-  holding the corpus embeddings once (one object-store copy per node), runs the exact top-k search and
-  ``mine_hard_negatives``' filters over shards of the queries (:func:`ce_ray.data.mining.select_negatives`).
+  holding the corpus embeddings once (one object-store copy per node), runs the exact top-k search (on its GPU
+  where it has one) and ``mine_hard_negatives``' filters over shards of the queries
+  (:func:`ce_ray.data.mining.select_negatives`).
   With ``sampling: top`` the negatives are the driver path's, up to ties in score.
 
 What is not spread out: reading, checking and shaping run inside the one preparation task (on a worker node,
@@ -213,7 +214,10 @@ class _Searcher:
     def __init__(self, embeddings: list, n_corpus: int, cfg: dict, range_max: int, max_positives: int):
         import ray
 
+        import torch
+
         (self.embeddings,) = ray.get(embeddings)  # a list, so Ray hands over the reference, not the array
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.n_corpus = n_corpus
         self.cfg = NegativesConfig(**cfg)
         self.range_max, self.max_positives = range_max, max_positives
@@ -225,7 +229,7 @@ class _Searcher:
 
         found = select_negatives(
             self.embeddings[batch["row"]], self.embeddings[: self.n_corpus], [list(p) for p in batch["positives"]],
-            self.cfg, self.range_max, self.max_positives, list(batch["q"]),
+            self.cfg, self.range_max, self.max_positives, list(batch["q"]), device=self.device,
         )  # fmt: skip
         negatives = np.empty(len(found), dtype=object)
         negatives[:] = [np.asarray(ids, dtype=np.int64) for ids in found]
@@ -304,7 +308,7 @@ def mine_on_cluster(
             "embeddings": [ref], "n_corpus": n_corpus, "cfg": cfg.model_dump(), "range_max": range_max,
             "max_positives": int(max_positives),
         },
-        batch_size=256, compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+        batch_size=256, compute=ray.data.ActorPoolStrategy(size=actors), **remote,
     )  # fmt: skip
     by_query: dict[str, list[str]] = {}
     started, said = time.monotonic(), time.monotonic()
