@@ -19,12 +19,18 @@ the way the README's 'From laptop to cluster' does:
    directory both nodes see. (One job does both, placement and failure, to keep the file under
    4 minutes on 2 cores.)
 4. ``ce_ray.ray_jobs.stop`` stops a running job.
+5. ``serve deploy`` of jobs/serve.yaml, then of the same file with a new model, swaps the model while 8
+   clients get 200.
+
+One more cluster, its head with no CPUs for tasks, runs a 20k-pair rerank job with ``data.prepare_on:
+cluster``: the preparation (a task and Ray Data actors) can only land on the worker node.
 
 Teardown ends every process the cluster started, by pid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -340,10 +346,10 @@ class LocalCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@contextlib.contextmanager
+def running_cluster(prefix: str, **cpus: int):
     # A short root: Ray's unix sockets live under it (paths are capped at 107 bytes).
-    c = LocalCluster(Path(tempfile.mkdtemp(prefix="cer", dir="/tmp")))
+    c = LocalCluster(Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp")), **cpus)
     with pytest.MonkeyPatch.context() as mp:
         # Ray lets these override the address a JobSubmissionClient is given.
         mp.delenv("RAY_ADDRESS", raising=False)
@@ -353,6 +359,12 @@ def cluster():
             yield c
         finally:
             c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with running_cluster("cer") as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -406,15 +418,8 @@ def _is_model_dir(path: Path) -> bool:
 def cpu_less_head(tmp_path_factory):
     """A cluster whose head offers no CPUs for tasks (as a small head node should): work must land on the worker.
     Function-scoped and first in the file, so it is gone before the module's `cluster` starts."""
-    c = LocalCluster(Path(tempfile.mkdtemp(prefix="cerh", dir="/tmp")), head_cpus=0, worker_cpus=2)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RAY_ADDRESS", raising=False)
-        mp.delenv("RAY_API_SERVER_ADDRESS", raising=False)
-        try:
-            c.start()
-            yield c
-        finally:
-            c.shutdown()
+    with running_cluster("cerh", head_cpus=0, worker_cpus=2) as c:
+        yield c
 
 
 @pytest.mark.slow
@@ -512,6 +517,66 @@ def test_cli_submit_with_the_runtime_env_file_then_follow_from_python(cluster, j
     output = "".join(ray_jobs.follow_logs(submission_id, **auth))  # returns when the job ends
     assert f"{job_file}: valid" in output
     assert ray_jobs.wait(submission_id, timeout=30, **auth).value == "SUCCEEDED"
+
+
+@pytest.mark.slow
+def test_serve_deploy_of_an_updated_serve_yaml_swaps_the_model_while_8_clients_get_200(cluster, shared, tiny_model):
+    """jobs/serve.yaml, deployed with Ray's `serve deploy` onto the running cluster, then deployed again with a new
+    `model:`: Serve rolls the replicas over (max_surge_percent: new ones pass health before old ones stop) and
+    8 clients sending all the while get 200 every time; once /info shows only the new version, scores are its.
+    Before the other Serve test: `serve deploy` sets the HTTP port of a Serve that is not running yet, and
+    `serve shutdown` at the end leaves none running."""
+    import httpx
+
+    from ce_ray.modeling import content_hash
+    from test_serve_update import CLIENTS, Clients, _expected, _reranker
+
+    old = _reranker(tiny_model, shared / "deploy-v1" / "model-a", seed=0)
+    new = _reranker(tiny_model, shared / "deploy-v2" / "model-b", seed=1)
+    want_old, want_new = _expected(old), _expected(new)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = _load_yaml("jobs/serve.yaml")
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args.update(model=old, model_name="model-a", num_cpus=0.5, backend="torch", precision="fp32")
+    path = shared / "serve-deploy.yaml"
+
+    def deploy() -> None:
+        path.write_text(yaml.safe_dump(config))  # the health app shares the args (a YAML anchor): the same dict
+        done = subprocess.run([str(BIN / "serve"), "deploy", str(path), "--address", cluster.address], env=cluster.env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def serving(version: str) -> dict | None:
+        try:
+            info = httpx.get(f"{url}/info", timeout=10).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        versions = [(v["version"], v["replicas"]) for m in info.get("models", []) for v in m["versions"]]
+        return info if versions == [(version, 1)] else None
+
+    deploy()
+    try:
+        _wait_for(lambda: serving(content_hash(old)), 240, "the app from jobs/serve.yaml", abort=cluster._exited)
+        clients = Clients(url)
+        clients.wait_for(CLIENTS)
+        update_started = time.monotonic()
+        args["model"] = new
+        deploy()  # the same file with a new model:
+        _wait_for(lambda: serving(content_hash(new)), 240, "only the new version to serve", abort=cluster._exited)
+        updated = time.monotonic()
+        clients.wait_for(2 * CLIENTS, sent_after=updated)
+        answers = clients.stop()
+    finally:
+        subprocess.run([str(BIN / "serve"), "shutdown", "-y", "--address", cluster.address], env=cluster.env,
+                       capture_output=True, timeout=120)  # fmt: skip
+
+    assert [(status, body) for _, _, status, body in answers if status != 200] == []
+    before = [scores for sent, done, _, scores in answers if done < update_started]
+    after = [scores for sent, _, _, scores in answers if sent > updated]
+    assert before and before == [pytest.approx(want_old, abs=1e-5)] * len(before)
+    assert len(after) >= 2 * CLIENTS and after == [pytest.approx(want_new, abs=1e-5)] * len(after)
 
 
 @pytest.mark.slow

@@ -9,11 +9,13 @@ without negatives (as the notebook does). Caching the result is :mod:`ce_ray.dat
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 
 import numpy as np
 import pyarrow as pa
 
+from ce_ray import console
 from ce_ray.config import NegativesConfig
 from ce_ray.data.errors import DataError
 from ce_ray.data.groups import RerankGroups
@@ -85,7 +87,12 @@ def mine_negatives(
 
         by_query = mine_on_cluster(pairs_q, pairs_p, corpus, cfg, range_max)
     else:
+        queries = len(set(pairs_q))
+        console.say(f"prepare: mining hard negatives for {queries:,} queries among {pool:,} texts with {cfg.model}, in this process")
+        started = time.monotonic()
         by_query = _mine_here(pairs_q, pairs_p, corpus, cfg, range_max, device)
+        took = time.monotonic() - started
+        console.say(f"prepare: mined in {took:,.0f}s ({(queries + pool) / max(took, 1e-9):,.0f} texts/s embedded and searched)")
     docs_out, labels_out = [], []
     for q, ds, labs in zip(groups.queries, groups.docs, groups.labels):
         merged_docs, merged_labels = list(ds), list(labs)

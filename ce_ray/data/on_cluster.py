@@ -150,22 +150,26 @@ def prepare_on_cluster(job: JobConfig) -> PreparedSplit:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
     task = ray.remote(_prepare_train).options(**options)
     ref = task.remote(job, progress)
-    shown = console.active()
-    try:
-        while not ray.wait([ref], timeout=0.5)[0]:
+    shown = console.active()  # None in the Python API: the task's lines reach the driver's log only
+
+    def show_progress() -> None:
+        with contextlib.suppress(Exception):  # progress is best effort
             while not progress.empty():
                 text = progress.get_nowait()
-                shown.live(text) if shown else None
+                if shown is not None:
+                    shown.live(text)
+
+    try:
+        while not ray.wait([ref], timeout=0.5)[0]:
+            show_progress()
         raw = ray.get(ref)
     except RayTaskError as exc:
         if isinstance(exc.cause, (DataError, ConfigError)):
             raise exc.cause from None
         raise
     finally:
-        while not progress.empty():
-            text = progress.get_nowait()
-            shown.live(text) if shown else None
-        if shown:
+        show_progress()
+        if shown is not None:
             shown.end_live()
         with contextlib.suppress(Exception):
             progress.shutdown()
