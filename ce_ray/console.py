@@ -45,6 +45,7 @@ __all__ = [
     "TrialEvents",
     "TuneBoard",
     "active",
+    "driver_queue",
     "log_path",
     "say",
     "search_progress",
@@ -235,6 +236,17 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+def driver_queue():
+    """A ``ray.util.queue.Queue`` for progress events, on the driver's node: a run that survives losing a worker
+    node must not lose its console with it (left to the scheduler, the actor may land on any node)."""
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+
+
 class TrainProgress:
     """The driver's end of one training run's progress (a context manager around ``trainer.fit()``).
 
@@ -257,14 +269,7 @@ class TrainProgress:
         self._plain_at = float("-inf")
 
     def __enter__(self) -> TrainProgress:
-        import ray
-        from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        # The queue lives on the driver's node: a run that survives losing a worker node must not
-        # lose its console with it (left to the scheduler, the actor may land on any node).
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        self.queue = driver_queue()
         self._thread = threading.Thread(target=self._render, name="ce-ray-progress", daemon=True)
         self._thread.start()
         return self

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ce_ray import console, storage
 from ce_ray.config import ConfigError, JobConfig, NegativesConfig
 from ce_ray.data.errors import DataError
+from ce_ray.data.read import file_format
 
 if TYPE_CHECKING:
     from ce_ray.data.prepare import PreparedSplit
@@ -49,7 +50,7 @@ def estimated_train_rows(job: JobConfig) -> int | None:
 
     total = 0
     for src in job.data.train_sources:
-        if src.path is None or not (src.format == "parquet" or src.path.lower().split("?")[0].endswith(".parquet")):
+        if src.path is None or file_format(src) != "parquet":
             return None
         fs, path = storage.filesystem_and_path(src.path)
         try:
@@ -140,10 +141,7 @@ def prepare_on_cluster(job: JobConfig) -> PreparedSplit:
     from ce_ray.runtime import ensure_ray
 
     ensure_ray()
-    from ray.util.queue import Queue
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    progress = console.driver_queue()
     node = _preparation_node()
     options: dict[str, Any] = {"num_cpus": 0, "max_retries": 2, "retry_exceptions": False, "name": "ce_ray.prepare_train"}
     if node is not None:  # soft: if that node is lost, the retry goes wherever there is room
@@ -215,7 +213,7 @@ class _Encoder:
 class _Searcher:
     """A Ray Data actor holding the corpus embeddings once; rows ``{q, row, positives}`` -> ``{q, negatives}``."""
 
-    def __init__(self, embeddings: list, n_corpus: int, cfg: dict, range_max: int, max_positives: int):
+    def __init__(self, embeddings: list, n_corpus: int, cfg: NegativesConfig, range_max: int, max_positives: int):
         import ray
 
         import torch
@@ -223,7 +221,7 @@ class _Searcher:
         (self.embeddings,) = ray.get(embeddings)  # a list, so Ray hands over the reference, not the array
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.n_corpus = n_corpus
-        self.cfg = NegativesConfig(**cfg)
+        self.cfg = cfg
         self.range_max, self.max_positives = range_max, max_positives
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -238,6 +236,19 @@ class _Searcher:
         negatives = np.empty(len(found), dtype=object)
         negatives[:] = [np.asarray(ids, dtype=np.int64) for ids in found]
         return {"q": batch["q"], "negatives": negatives}
+
+
+class _ProgressLine:
+    """``prepare: <text>, ETA Ns`` every 10 s and at the end; ``text`` has ``{done}`` and ``{rate}`` fields."""
+
+    def __init__(self, text: str):
+        self.text, self.started, self.said = text, time.monotonic(), time.monotonic()
+
+    def update(self, done: int, total: int) -> None:
+        if time.monotonic() - self.said > 10 or done == total:
+            rate = done / max(time.monotonic() - self.started, 1e-9)
+            _say(f"prepare: {self.text.format(done=done, rate=rate)}, ETA {(total - done) / rate:,.0f}s")
+            self.said = time.monotonic()
 
 
 def _actors(cfg: NegativesConfig) -> int:
@@ -285,19 +296,13 @@ def mine_on_cluster(
         _Encoder, fn_constructor_kwargs={"model": cfg.model, "batch_size": cfg.batch_size},
         batch_size=cfg.batch_size * 4, compute=ray.data.ActorPoolStrategy(size=actors), **remote,
     )  # fmt: skip
-    embeddings, done, started, said = None, 0, time.monotonic(), time.monotonic()
+    embeddings, done, line = None, 0, _ProgressLine(f"embedded {{done:,}}/{total:,} texts on {actors} actor(s), {{rate:,.0f}} texts/s")
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
         if embeddings is None:
             embeddings = np.zeros((total, batch["embedding"].shape[1]), dtype=np.float32)
         embeddings[batch["id"]] = batch["embedding"]
         done += len(batch["id"])
-        if time.monotonic() - said > 10 or done == total:
-            rate = done / max(time.monotonic() - started, 1e-9)
-            _say(
-                f"prepare: embedded {done:,}/{total:,} texts on {actors} actor(s), {rate:,.0f} texts/s, "
-                f"ETA {(total - done) / rate:,.0f}s"
-            )
-            said = time.monotonic()
+        line.update(done, total)
 
     # 2. exact top-k search and the filters, queries sharded over actors that each hold the embeddings once
     ref = ray.put(embeddings)
@@ -309,22 +314,16 @@ def mine_on_cluster(
     found = ray.data.from_arrow([search.slice(i, shard) for i in range(0, len(queries), shard)]).map_batches(
         _Searcher,
         fn_constructor_kwargs={
-            "embeddings": [ref], "n_corpus": n_corpus, "cfg": cfg.model_dump(), "range_max": range_max,
+            "embeddings": [ref], "n_corpus": n_corpus, "cfg": cfg, "range_max": range_max,
             "max_positives": int(max_positives),
         },
         batch_size=256, compute=ray.data.ActorPoolStrategy(size=actors), **remote,
     )  # fmt: skip
     by_query: dict[str, list[str]] = {}
-    started, said = time.monotonic(), time.monotonic()
+    line = _ProgressLine(f"searched {{done:,}}/{len(queries):,} queries, {{rate:,.0f}} queries/s")
     for batch in found.iter_batches(batch_size=None, batch_format="numpy"):
         for q, ids in zip(batch["q"], batch["negatives"]):
             by_query[queries[int(q)]] = [texts[i] for i in ids]
-        if time.monotonic() - said > 10 or len(by_query) == len(queries):
-            rate = len(by_query) / max(time.monotonic() - started, 1e-9)
-            _say(
-                f"prepare: searched {len(by_query):,}/{len(queries):,} queries, {rate:,.0f} queries/s, "
-                f"ETA {(len(queries) - len(by_query)) / rate:,.0f}s"
-            )
-            said = time.monotonic()
+        line.update(len(by_query), len(queries))
     del ref
     return by_query

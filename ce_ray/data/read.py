@@ -14,10 +14,11 @@ from ce_ray.config import DataSource
 from ce_ray.data.errors import DataError
 from ce_ray.storage import filesystem_and_path, stat_fingerprint
 
-__all__ = ["read_source", "source_fingerprint"]
+__all__ = ["file_format", "read_source", "source_fingerprint"]
 
 
-def _file_format(src: DataSource) -> str:
+def file_format(src: DataSource) -> str:
+    """A file source's format: ``format``, or by the file's extension (``auto``)."""
     if src.format != "auto":
         return src.format
     path = src.path.lower().split("?")[0]  # type: ignore[union-attr]
@@ -59,7 +60,7 @@ def _read_file(src: DataSource, key: str) -> pa.Table:
     import pyarrow.parquet as pq
 
     fs, path = filesystem_and_path(src.path)  # type: ignore[arg-type]
-    fmt = _file_format(src)
+    fmt = file_format(src)
     try:
         if fmt == "parquet":
             return pq.read_table(path, filesystem=fs)
