@@ -20,6 +20,7 @@ This module imports only numpy, so the serving replicas can import it without th
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -46,15 +47,21 @@ def fused_scores(logits: np.ndarray, cosines: np.ndarray, weight: float) -> np.n
     return (1.0 - weight) * zscores(logits) + weight * zscores(cosines)
 
 
+@functools.lru_cache(maxsize=4)
+def _evaluator(at_k: int):
+    """One evaluator per k, for its ``compute_metrics`` (building one costs ~0.2 s; the weight fit asks hundreds of times)."""
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+
+    return CrossEncoderRerankingEvaluator([{"query": "", "positive": [""], "negative": []}], at_k=at_k)
+
+
 def rerank_metrics(groups: list[tuple[np.ndarray, int]], at_k: int = 10) -> dict[str, float]:
     """MAP, MRR@k and NDCG@k of scored queries, each ``(scores, num_positives)`` with the positives first.
 
     Computed with ``CrossEncoderRerankingEvaluator.compute_metrics`` of sentence-transformers, the function the
     evaluator applies to a model's scores.
     """
-    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
-
-    evaluator = CrossEncoderRerankingEvaluator([{"query": "", "positive": [""], "negative": []}], at_k=at_k)
+    evaluator = _evaluator(at_k)
     mrr, ndcg, ap = [], [], []
     for scores, positives in groups:
         relevant = [1] * positives + [0] * (len(scores) - positives)

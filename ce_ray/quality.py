@@ -2,11 +2,12 @@
 
 A reranker is worth deploying only if it ranks better than what the user already has: the
 bi-encoder that retrieves (and, in ce-ray, mines negatives with and initialises the cross-encoder
-from). :func:`baseline_metrics` scores that bi-encoder zero-shot (cosine of its embeddings) with
-sentence-transformers' ``RerankingEvaluator`` on a prepared eval/test split; the metrics (``map``,
-``mrr@10``, ``ndcg@10``) are computed exactly as ``CrossEncoderRerankingEvaluator`` computes the
-reranker's, on the same candidates. Results are cached next to the prepared rows, so tune trials
-and re-runs score it once.
+from). :func:`baseline_metrics` scores that bi-encoder zero-shot (the cosine of its embeddings,
+:func:`retriever_cosines`) on a prepared eval/test split; the metrics (``map``, ``mrr@10``, ``ndcg@10``)
+are computed by ``CrossEncoderRerankingEvaluator.compute_metrics``, as the reranker's are, on the same
+candidates. The cosines are cached next to the prepared rows, so tune trials and re-runs embed once, and
+fusion (:func:`fuse_with_retriever`) reads the same cosines. Within a process the retriever is loaded
+once and a text is embedded once (the eval and test rows often share documents).
 
 :func:`verdict` compares a model with the baseline (on test rows when there are any, else eval),
 and :func:`write_model_quality` / :func:`read_model_quality` keep that comparison inside the model
@@ -50,28 +51,16 @@ QUALITY_FILE = "ce_ray_quality.json"
 
 def baseline_metrics(job: JobConfig, split: PreparedSplit | None, device: str | None = None) -> dict[str, float] | None:
     """Zero-shot retriever metrics on a prepared rerank split; None for nli, ``eval.baseline: none`` or no split."""
+    import numpy as np
+
+    from ce_ray.fusion import rerank_metrics
+
     name = job.baseline_model
     if name is None or split is None:
         return None
-    uri = storage.join(cache_root(job), f"baseline-{fingerprint({'rows': split.uri, 'model': name}, 'v1')}.json")
-    if storage.exists(uri):
-        return storage.read_json(uri)
-
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.evaluation import RerankingEvaluator
-
-    from ce_ray.modeling import resolve_model_name
-
-    cols = load_prepared(split.uri).data.table.to_pydict()
-    samples = [
-        {"query": q, "positive": list(p), "negative": list(n)}
-        for q, p, n in zip(cols["query"], cols["positive"], cols["negative"])
-    ]
-    model = SentenceTransformer(resolve_model_name(name), device=device or "cpu")
-    evaluator = RerankingEvaluator(samples, at_k=10, batch_size=job.data.negatives.batch_size, write_csv=False)
-    metrics = {k: float(v) for k, v in evaluator(model).items()}
-    storage.write_json(uri, metrics)
-    return metrics
+    cols = load_prepared(split.uri).data.table.select(["positive"]).to_pydict()
+    cosines = retriever_cosines(job, split, device)
+    return rerank_metrics([(np.asarray(cos), len(p)) for cos, p in zip(cosines, cols["positive"])])
 
 
 def verdict(metric: str, model: dict[str, dict[str, float] | None], baseline: dict[str, dict[str, float] | None], baseline_name: str | None) -> dict[str, Any] | None:
@@ -117,23 +106,43 @@ def read_model_quality(model_dir: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
+_RETRIEVERS: dict[tuple[str, str], Any] = {}
+_EMBEDDED: dict[tuple[str, str], dict[str, Any]] = {}  # (model, device) -> text -> unit vector
+_EMBEDDED_MAX = 200_000  # texts kept per retriever (384 floats each for MiniLM: ~300 MB at the bound)
+
+
+def _embed(name: str, texts: list[str], batch_size: int, device: str) -> Any:
+    """Unit-length embeddings of ``texts`` by the retriever ``name``: loaded once per process, each text embedded once."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from ce_ray.modeling import resolve_model_name
+
+    key = (name, device)
+    if key not in _RETRIEVERS:
+        _RETRIEVERS[key] = SentenceTransformer(resolve_model_name(name), device=device)
+    seen = _EMBEDDED.setdefault(key, {})
+    new = [t for t in dict.fromkeys(texts) if t not in seen]
+    if new:
+        if len(seen) + len(new) > _EMBEDDED_MAX:
+            seen.clear()
+        vectors = _RETRIEVERS[key].encode(new, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+        seen.update(zip(new, vectors))
+    return np.stack([seen[t] for t in texts]) if texts else np.zeros((0, 0), dtype=np.float32)
+
+
 def retriever_cosines(job: JobConfig, split: PreparedSplit, device: str | None = None) -> list[list[float]]:
     """The retriever's (``eval.baseline``) cosine of each query with each of its candidates, positives first.
 
-    Cached next to the prepared rows (like :func:`baseline_metrics`), so every run on the same rows embeds once.
+    Cached next to the prepared rows, so every run on the same rows embeds once.
     """
     name = job.baseline_model
     uri = storage.join(cache_root(job), f"cosines-{fingerprint({'rows': split.uri, 'model': name}, 'v1')}.json")
     if storage.exists(uri):
         return storage.read_json(uri)
-    from sentence_transformers import SentenceTransformer
-
-    from ce_ray.modeling import resolve_model_name
-
     cols = load_prepared(split.uri).data.table.to_pydict()
-    model = SentenceTransformer(resolve_model_name(name), device=device or "cpu")
     texts = list(dict.fromkeys([*cols["query"], *(d for p, n in zip(cols["positive"], cols["negative"]) for d in [*p, *n])]))
-    vectors = model.encode(texts, batch_size=job.data.negatives.batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    vectors = _embed(name, texts, job.data.negatives.batch_size, device or "cpu")
     at = {text: i for i, text in enumerate(texts)}
     cosines = [
         (vectors[[at[d] for d in [*p, *n]]] @ vectors[at[q]]).astype(float).tolist()

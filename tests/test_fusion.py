@@ -31,18 +31,18 @@ def test_zscores_and_the_fused_rule():
 
 def test_the_weight_follows_the_better_scorer_and_never_loses_to_the_pure_model_on_eval():
     rng = np.random.default_rng(0)
-    good_reranker = _queries(rng, 200, reranker_noise=0.1, retriever_noise=1.0)
+    good_reranker = _queries(rng, 80, reranker_noise=0.1, retriever_noise=1.0)
     assert fit_weight(good_reranker)[0] == 0.0  # fusion would only hurt: the pure model is kept
-    good_retriever = _queries(rng, 200, reranker_noise=5.0, retriever_noise=0.01)
+    good_retriever = _queries(rng, 80, reranker_noise=5.0, retriever_noise=0.01)
     weight, curve = fit_weight(good_retriever)
     assert weight > 0.5 and curve[weight] == 1.0 > curve[0.0]  # the smallest weight that ranks every positive first
-    both = _queries(rng, 300, reranker_noise=1.2, retriever_noise=0.12)
+    both = _queries(rng, 160, reranker_noise=1.2, retriever_noise=0.12)
     weight, curve = fit_weight(both)
     assert 0 < weight < 1 and curve[weight] > curve[0.0] and curve[weight] > curve[1.0]
     assert set(curve) == set(WEIGHTS) and curve[weight] == max(curve.values())
-    report = fusion_report(both[:150], both[150:], "bi-encoder")
-    assert report["weight"] in WEIGHTS and report["eval"]["ndcg@10"] >= fit_weight(both[:150])[1][0.0]
-    assert report["test"]["ndcg@10"] == pytest.approx(rerank_metrics([(fused_scores(q["logits"], q["cosines"], report["weight"]), 1) for q in both[150:]])["ndcg@10"])
+    report = fusion_report(both[:80], both[80:], "bi-encoder")
+    assert report["weight"] in WEIGHTS and report["eval"]["ndcg@10"] >= fit_weight(both[:80])[1][0.0]
+    assert report["test"]["ndcg@10"] == pytest.approx(rerank_metrics([(fused_scores(q["logits"], q["cosines"], report["weight"]), 1) for q in both[80:]])["ndcg@10"])
 
 
 def test_metrics_are_the_library_evaluators_on_the_same_scores():
