@@ -474,6 +474,11 @@ def test_a_20k_pair_job_prepares_on_the_worker_node_and_trains_from_what_it_wrot
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["train_rows"] == 20_000 and summary["nodes"] == [nodes["worker"]]
     assert _is_model_dir(tmp_path / "out" / "final")
+    # eval.baseline: none turns the retriever baseline off: no baseline, no verdict, nothing for a server to warn of
+    from ce_ray.serving import quality_warning
+
+    assert summary["baseline"] is None and summary["verdict"] is None and summary["fusion"] is None
+    assert quality_warning(str(tmp_path / "out" / "final")) is None
 
     # the driver path, here, on the same rows: the same negatives up to ties
     from ce_ray.config import load_job

@@ -270,7 +270,8 @@ def test_rerank_search_resumes_after_the_driver_is_killed(tiny_model, qa_files, 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "ce_ray.cli", "tune", str(job_file)]
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # --verbose: the first run keeps Ray's, Tune's and the workers' output on its terminal, and writes no log file
+    first = subprocess.Popen([*command, "--verbose"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     experiment = out / "rr"
     deadline = time.time() + 420
     try:
@@ -284,6 +285,9 @@ def test_rerank_search_resumes_after_the_driver_is_killed(tiny_model, qa_files, 
         first.wait()
         log.close()
     assert not (out / "best.json").exists()
+    verbose = (tmp_path / "first.log").read_text()
+    assert "Started a local Ray instance" in verbose and "RayTrainWorker" in verbose, verbose[-3000:]
+    assert not (out / "logs").exists()
     kept = {t: (out / "rr-trials" / f"trial-{t}" / "workers" / "rank0.json").read_text() for t in finished}
 
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
