@@ -1,8 +1,10 @@
 """ce-ray serve end to end: real HTTP (httpx) against a real local Ray Serve, started once for the module.
 
-Two apps run side by side on one free port: a reranker (1 output, API key on) at ``/`` and an NLI
-classifier (3 labels, no key) at ``/nli``. Both are the tiny random BERT from conftest, so scores are
-checked against ``CrossEncoder.rank`` / ``predict_pairs`` on the same weights, not against real quality.
+Four apps run side by side on one free port, started together: a reranker (1 output, API key on) at ``/``, an NLI
+classifier (3 labels, no key) at ``/nli``, a reranker whose output is inf for one word at ``/inf``, and a reranker
+fused with the retriever (``serve.fusion: auto``, the bundled all-MiniLM-L6-v2) at ``/fused``. All are the tiny
+random BERT from conftest, so scores are checked against ``CrossEncoder.rank`` / ``predict_pairs`` (and the
+retriever's cosines) on the same weights, not against real quality.
 """
 
 from __future__ import annotations
@@ -59,8 +61,35 @@ def model_dirs(tiny_model, tmp_path_factory):
     return SimpleNamespace(rerank=str(out / "rerank"), nli=str(out / "nli"))
 
 
+FUSION_WEIGHT = 0.4
+RETRIEVER = "bundled:all-MiniLM-L6-v2"
+
+
+def _fused_model(tiny_model, out: Path) -> str:
+    """The tiny reranker with a fusion weight in its ``ce_ray_quality.json`` (what ``ce-ray train`` writes)."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from ce_ray.quality import write_model_quality
+
+    CrossEncoder(tiny_model, num_labels=1).save(str(out))
+    write_model_quality(str(out), {"task": "rerank", "fusion": {"weight": FUSION_WEIGHT, "normalisation": "zscore-per-query", "retriever": RETRIEVER}})
+    return str(out)
+
+
+def _inf_model(out: Path) -> str:
+    """A reranker whose output is inf for one word ("zebra": its embedding row is inf)."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    model = CrossEncoder(str(_tiny_dir(out)), num_labels=1)
+    (zebra,) = model.tokenizer("zebra", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        model.model.bert.embeddings.word_embeddings.weight[zebra].fill_(float("inf"))
+    model.save(str(out / "inf"))
+    return str(out / "inf")
+
+
 @pytest.fixture(scope="module")
-def server(ray_session, model_dirs):
+def server(ray_session, model_dirs, tiny_model, tmp_path_factory):
     from ray import serve
 
     from ce_ray.serving import start_server, stop_server, wait_until_ready
@@ -70,20 +99,25 @@ def server(ray_session, model_dirs):
     # native, is checked against it in test_backends.py)
     common = dict(port=port, num_cpus=0.5, max_batch_size=16, batch_wait_timeout_s=0.2, body_timeout_s=2,
                   backend="torch", precision="fp32", **LIMITS)
-    rerank_url = start_server(  # both apps start in parallel, then wait for both
-        ServeConfig(
+    models = tmp_path_factory.mktemp("serve_more")
+    configs = {  # all apps start at once, then wait for all: their replicas load in parallel
+        "test-rerank": ServeConfig(
             model=model_dirs.rerank, model_name="tiny-reranker", api_key=KEY, max_request_tokens=MAX_REQUEST_TOKENS, **common
         ),
-        name="test-rerank",
-        wait=False,
-        access_log=False,
-    )
-    nli_url = start_server(
-        ServeConfig(model=model_dirs.nli, route_prefix="/nli", **common), name="test-nli", wait=False, access_log=False
-    )
-    wait_until_ready(rerank_url, "test-rerank")
-    wait_until_ready(nli_url, "test-nli")
-    yield SimpleNamespace(rerank=rerank_url, nli=nli_url, serve=serve)
+        "test-nli": ServeConfig(model=model_dirs.nli, route_prefix="/nli", **common),
+        "test-inf": ServeConfig(model=_inf_model(models), route_prefix="/inf", port=port, num_cpus=0.25),
+        "test-fusion": ServeConfig(
+            model=_fused_model(tiny_model, models / "fused"), model_name="fused", fusion="auto", route_prefix="/fused",
+            port=port, num_cpus=0.5, backend="torch", precision="fp32",
+        ),
+    }
+    urls = {name: start_server(cfg, name=name, wait=False, access_log=False) for name, cfg in configs.items()}
+    for name, url in urls.items():
+        wait_until_ready(url, name)
+    yield SimpleNamespace(
+        rerank=urls["test-rerank"], nli=urls["test-nli"], inf=urls["test-inf"], fused=urls["test-fusion"],
+        fused_model=configs["test-fusion"].model, serve=serve,
+    )  # fmt: skip
     stop_server()
 
 
@@ -866,35 +900,83 @@ def test_empty_keys_are_refused_and_open_hosts_warned(model_dirs, monkeypatch):
     assert exposure_warning(ServeConfig(model=model_dirs.rerank, host="127.0.0.1")) is None
 
 
-def test_non_finite_scores_fail_only_their_request(server, tmp_path):
-    """A model whose output is inf for one word (its embedding row is inf), served next to the others: a
-    request with that word is a JSON 500, never a null score; the same app answers other requests."""
-    from sentence_transformers.cross_encoder import CrossEncoder
-
-    from ce_ray.serving import start_server, stop_server
-
-    model = CrossEncoder(str(_tiny_dir(tmp_path)), num_labels=1)
-    (zebra,) = model.tokenizer("zebra", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        model.model.bert.embeddings.word_embeddings.weight[zebra].fill_(float("inf"))
-    model.save(str(tmp_path / "inf"))
-    url = start_server(
-        ServeConfig(model=str(tmp_path / "inf"), route_prefix="/inf", num_cpus=0.25), name="test-inf", access_log=False
-    )
-    try:
-        response = _post(f"{url}/rerank", {"query": "q", "documents": ["a zebra"]})
-        assert response.status_code == 500, response.text
-        assert response.json()["error"]["type"] == "internal_error"
-        fine = _post(f"{url}/rerank", {"query": "q", "documents": ["a horse"]})
-        assert fine.status_code == 200 and 0 <= fine.json()["results"][0]["relevance_score"] <= 1
-    finally:
-        stop_server("test-inf")
+def test_non_finite_scores_fail_only_their_request(server):
+    """A model whose output is inf for one word, served next to the others: a request with that word is a JSON 500,
+    never a null score; the same app answers other requests."""
+    response = _post(f"{server.inf}/rerank", {"query": "q", "documents": ["a zebra"]})
+    assert response.status_code == 500, response.text
+    assert response.json()["error"]["type"] == "internal_error"
+    fine = _post(f"{server.inf}/rerank", {"query": "q", "documents": ["a horse"]})
+    assert fine.status_code == 200 and 0 <= fine.json()["results"][0]["relevance_score"] <= 1
 
 
 def _tiny_dir(tmp_path):
     from conftest import build_tiny_model
 
     return build_tiny_model(tmp_path / "tiny", num_labels=1)
+
+
+# --------------------------------------------------------------------------------------------
+# serve.fusion: the reranker's logits fused with the retriever's cosines, in every response shape
+# --------------------------------------------------------------------------------------------
+FUSION_DOCS = [
+    "Berlin is the capital of Germany.",
+    "The cat sat on the mat.",
+    "Berlin has 3.7 million inhabitants according to the census.",
+    "Bananas are yellow.",
+    "How many people live in Berlin? Lots of them.",
+]
+
+
+def _fused_expected(model_dir: str, query: str, docs: list[str]):
+    """sigmoid((1 - w) z(logits) + w z(cosines)), z over the request's documents."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from ce_ray.modeling import resolve_model_name
+
+    logits = np.asarray(CrossEncoder(model_dir).predict([(query, d) for d in docs], activation_fn=torch.nn.Identity()), float)
+    encoder = SentenceTransformer(resolve_model_name(RETRIEVER))
+    cos = encoder.similarity(encoder.encode([query]), encoder.encode(docs))[0].numpy().astype(float)
+    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
+    return 1 / (1 + np.exp(-((1 - FUSION_WEIGHT) * z(logits) + FUSION_WEIGHT * z(cos))))
+
+
+def test_every_shape_serves_the_fused_scores(server):
+    import cohere
+    import numpy as np
+
+    expected = _fused_expected(server.fused_model, QUERY, FUSION_DOCS)
+    order = list(np.argsort(-expected))
+
+    body = httpx.post(f"{server.fused}/rerank", json={"query": QUERY, "documents": FUSION_DOCS}, timeout=60).json()
+    assert [r["index"] for r in body["results"]] == order
+    assert [r["relevance_score"] for r in body["results"]] == pytest.approx(list(expected[order]), abs=1e-4)
+    assert set(body["results"][0]) == {"index", "relevance_score"} and body["model"] == "fused"
+
+    v2 = cohere.ClientV2(api_key="unused", base_url=server.fused, max_retries=0).rerank(model="fused", query=QUERY, documents=FUSION_DOCS, top_n=2)
+    assert [r.index for r in v2.results] == order[:2]
+    assert [r.relevance_score for r in v2.results] == pytest.approx(list(expected[order[:2]]), abs=1e-4)
+
+    tei = httpx.post(f"{server.fused}/rerank", json={"query": QUERY, "texts": FUSION_DOCS}, timeout=60).json()
+    assert isinstance(tei, list) and [r["index"] for r in tei] == order
+    assert [r["score"] for r in tei] == pytest.approx(list(expected[order]), abs=1e-4)
+
+
+def test_info_says_fusion_is_on_with_its_weight(server):
+    info = httpx.get(f"{server.fused}/info", timeout=30).json()
+    assert info["fusion"] == {"weight": FUSION_WEIGHT, "normalisation": "zscore-per-query", "retriever": RETRIEVER, "source": "auto (fitted on the eval rows)"}
+    assert httpx.get(f"{server.rerank}/info", headers=AUTH, timeout=30).json()["fusion"] is None  # off by default
+
+
+def test_fusion_auto_without_a_fitted_weight_fails_before_ray(tiny_model):
+    from ce_ray.config import ConfigError
+    from ce_ray.serving import start_server
+
+    with pytest.raises(ConfigError) as caught:
+        start_server(ServeConfig(model=tiny_model, fusion="auto", port=free_port()))
+    assert str(caught.value).startswith("serve.model: serve.fusion: auto, but model has no fusion weight fitted")
 
 
 # --------------------------------------------------------------------------------------------

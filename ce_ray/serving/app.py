@@ -419,10 +419,15 @@ def stop_server(name: str | None = None) -> None:
         names = list(running) if name is None else [a for a in (name, name + HEALTH_SUFFIX) if a in running]
     except Exception:  # Serve is not running
         names = []
+    if name is None:  # Serve deletes every app at once on shutdown (one by one, each waits for its replicas to drain)
+        serve.shutdown()
+        for app in names:
+            remove_board(app)
+        return
     for app in names:
         serve.delete(app)
         remove_board(app)
-    if name is None or not serve.status().applications:
+    if not serve.status().applications:
         serve.shutdown()
 
 
