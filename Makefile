@@ -29,8 +29,9 @@ demo: install
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=1200 --durations=40 tests
 
+# The edit-test loop: every test that starts no Ray (no `slow`, no `ray` marker).
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not ray" tests
 
 bench: install
 	$(PY) bench/train_throughput.py

@@ -87,6 +87,14 @@ def qa_files(shared_data, tmp_path_factory) -> dict[str, str]:
     return {"train": str(train), "dev": str(dev)}
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Every test that uses the session's Ray (directly or through a fixture) is marked ``ray``: ``make test-fast``
+    leaves out ``slow`` and ``ray`` tests, so it starts no Ray at all."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session (started the way ce-ray starts it)."""

@@ -52,6 +52,7 @@ def cli_train(tmp_path: Path, overrides: list[str], *flags: str) -> subprocess.C
 NOISE = ("Started a local Ray instance", "RayTrainWorker", "TrainController", " INFO ", "it/s]", "Loading weights", "{'loss'")
 
 
+@pytest.mark.ray  # `ce-ray train` and `ce-ray serve` start their own
 def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_model, qa_files, tmp_path):
     """A random-init tiny cross-encoder cannot beat the real bi-encoder: every output says so.
 
