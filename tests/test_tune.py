@@ -287,6 +287,7 @@ def test_rerank_search_resumes_after_the_driver_is_killed(tiny_model, qa_files, 
     assert not (out / "best.json").exists()
     verbose = (tmp_path / "first.log").read_text()
     assert "Started a local Ray instance" in verbose and "RayTrainWorker" in verbose, verbose[-3000:]
+    assert "tune: 2 trials, up to 1 at a time, optuna search; metric eval_ndcg@10 (max)" in verbose.splitlines(), verbose[-3000:]  # ce-ray's own lines too
     assert not (out / "logs").exists()
     kept = {t: (out / "rr-trials" / f"trial-{t}" / "workers" / "rank0.json").read_text() for t in finished}
 
