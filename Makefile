@@ -14,11 +14,14 @@ export TOKENIZERS_PARALLELISM ?= false
 CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
+# torch comes from pip (it finds the CPU build on this machine's disk; uv would download it), the rest from uv: the
+# same versions (constraints.txt) in ~5 s instead of ~60 s. Where uv cannot install, pip does it all.
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" $(PIP_C)
-	$(PY) -m pip install -q -e ".[serve,test]" $(PIP_C)
+	$(PY) -m pip install -q uv $(PIP_C) && $(VENV)/bin/uv pip install -q --python $(PY) -e ".[serve,test]" $(PIP_C) \
+	  || $(PY) -m pip install -q -e ".[serve,test]" $(PIP_C)
 	touch $@
 
 install: $(VENV)/.installed
