@@ -133,8 +133,12 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
         f"{_metrics(nli, ['accuracy', 'f1_macro'])}; test accuracy {nli['metrics_test']['accuracy']:.3f}  ({nli['wall_time_s']:.0f}s)"
     )
 
-    # [3] reranker
-    rerank_job = _job("demo_rerank.yaml", out, data, quick_steps)
+    # [3] reranker: one worker with every CPU of the node (its job file's 0.95 CPU a worker lets two search trials
+    # share 2 cores; alone, it would compute on one thread and leave the other cores idle)
+    import ray
+
+    all_cpus = f"scaling.cpus_per_worker={max(1, int(ray.cluster_resources().get('CPU', 1)))}"
+    rerank_job = _job("demo_rerank.yaml", out, data, quick_steps + [all_cpus])
     rerank = run_training(rerank_job, label="[3/5] rerank").summary
     results["rerank"] = rerank
     lap("3 reranker training + baseline + fusion")
@@ -171,7 +175,7 @@ def run_demo(output_dir: str = "demo_runs", quick: bool = False, serve: bool = T
         )
         best_model = outcome.best_dir
         # Serve the better of the two rerankers by the eval rows (never the test rows): the search's trials are
-        # shorter than the single run (2 epochs, not 3), so on this small set either may win.
+        # shorter than the single run (1 epoch, not 3), so on this small set either may win.
         metric = best["metric"].removeprefix("eval_")
         single = (rerank.get("metrics_final") or {}).get(metric)
         if single is not None and single > best["value"]:
