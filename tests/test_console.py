@@ -187,6 +187,10 @@ def test_the_progress_queue_lives_on_the_drivers_node_and_losing_it_never_fails_
         state = SimpleNamespace(global_step=0, max_steps=4)
         callback.on_train_begin(args, state, None)
         ray_session.kill(progress.queue.actor)
+        # ray.kill returns before the actor is gone, and a call sent meanwhile may still be answered (CI under load saw it)
+        deadline = time.monotonic() + 30
+        while get_actor(progress.queue.actor._actor_id.hex(), address=gcs).state != "DEAD" and time.monotonic() < deadline:
+            time.sleep(0.1)
         state.global_step = 4
         callback.on_train_end(args, state, None)  # the queue is gone: a warning, no exception
         assert callback.queue is None
