@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" $(PIP_C)
-	$(PY) -m pip install -q uv $(PIP_C) && $(VENV)/bin/uv pip install -q --python $(PY) -e ".[serve,test]" $(PIP_C) \
+	$(PY) -m pip install -q uv $(PIP_C) && $(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e ".[serve,test]" $(PIP_C) \
 	  || $(PY) -m pip install -q -e ".[serve,test]" $(PIP_C)
 	touch $@
 
