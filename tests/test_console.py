@@ -176,10 +176,16 @@ def test_the_progress_queue_lives_on_the_drivers_node_and_losing_it_never_fails_
     plain = io.StringIO()
     with TrainProgress(Console(plain, plain, verbose=False), "eval_ndcg@10") as progress:
         assert progress.queue.qsize() >= 0  # a call answered: the actor is placed and alive
-        deadline = time.monotonic() + 30  # the state API can lag the actor by a moment
         gcs = ray_session.get_runtime_context().gcs_address  # this session's Ray, whatever else runs on the machine
-        while (actor := get_actor(progress.queue.actor._actor_id.hex(), address=gcs)).state != "ALIVE" and time.monotonic() < deadline:
-            time.sleep(0.1)
+
+        def queue_actor(state: str):
+            """The queue actor as the state API reports it, once in ``state`` (it can lag the actor by a moment)."""
+            deadline = time.monotonic() + 30
+            while (actor := get_actor(progress.queue.actor._actor_id.hex(), address=gcs)).state != state and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return actor
+
+        actor = queue_actor("ALIVE")
         assert actor.node_id == ray_session.get_runtime_context().get_node_id(), actor
 
         callback = Progress(progress.queue, world_size=1)
@@ -188,9 +194,7 @@ def test_the_progress_queue_lives_on_the_drivers_node_and_losing_it_never_fails_
         callback.on_train_begin(args, state, None)
         ray_session.kill(progress.queue.actor)
         # ray.kill returns before the actor is gone, and a call sent meanwhile may still be answered (CI under load saw it)
-        deadline = time.monotonic() + 30
-        while get_actor(progress.queue.actor._actor_id.hex(), address=gcs).state != "DEAD" and time.monotonic() < deadline:
-            time.sleep(0.1)
+        queue_actor("DEAD")
         state.global_step = 4
         callback.on_train_end(args, state, None)  # the queue is gone: a warning, no exception
         assert callback.queue is None
