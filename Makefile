@@ -15,7 +15,8 @@ CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
 # torch comes from pip (it finds the CPU build on this machine's disk; uv would download it), the rest from uv: the
-# same versions (constraints.txt) in ~5 s instead of ~60 s. Where uv cannot install, pip does it all.
+# same versions (constraints.txt), bytecode compiled as pip does, 45 s for the whole install from a fresh venv instead
+# of ~85 s. Where uv cannot install, pip does it all.
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
