@@ -119,7 +119,7 @@ def test_the_cluster_paths_search_finds_the_negatives_mine_hard_negatives_finds(
     mapping = "{query: question, positive: answer}"
     job = load_job(None, ["task=rerank", f"data.train={{path: {qa_files['train']}, columns: {mapping}}}", "data.negatives.num=3",
                           f"data.negatives.sampling={sampling}", "data.negatives.max_score=0.6", "data.negatives.range_min=1",
-                          "data.negatives.range_max=20"])  # fmt: skip
+                          "data.negatives.range_max=20", "data.negatives.precision=fp32"])  # fmt: skip
     cfg = job.data.negatives
     groups = rerank_groups(load_split(job, "train"))
     pairs_q = [q for q, docs in zip(groups.queries, groups.docs) for _ in docs]
@@ -143,6 +143,34 @@ def test_the_cluster_paths_search_finds_the_negatives_mine_hard_negatives_finds(
     if sampling == "top":
         library = _mine_here(pairs_q, pairs_p, None, cfg, 20, None)
         assert whole == [library.get(q, []) for q in groups.queries]
+
+
+def test_bf16_mining_embeds_in_bf16_and_finds_nearly_the_fp32_negatives(qa_files):
+    """data.negatives.precision: bf16 runs the encoder's forward under autocast; the embeddings stay fp32 and within
+    bf16 rounding of fp32's, so mining finds the same negatives but for near-ties. auto is bf16 exactly where the CPU
+    computes it natively."""
+    import numpy as np
+
+    from ce_ray.data.mining import load_encoder
+    from ce_ray.runtime import native_bf16
+
+    mapping = "{query: question, positive: answer}"
+    jobs = {
+        p: load_job(None, ["task=rerank", f"data.train={{path: {qa_files['train']}, columns: {mapping}, select: 48}}",
+                           "data.negatives.num=3", "data.negatives.sampling=top", f"data.negatives.precision={p}"])
+        for p in ("fp32", "bf16", "auto")
+    }  # fmt: skip
+    texts = pd.read_parquet(qa_files["train"])["answer"].head(64).tolist()
+    emb = {p: load_encoder(job.data.negatives).encode_document(texts, normalize_embeddings=True) for p, job in jobs.items()}
+    assert emb["bf16"].dtype == np.float32 and not np.array_equal(emb["bf16"], emb["fp32"])
+    assert (emb["bf16"] * emb["fp32"]).sum(1).min() > 0.999
+    assert np.array_equal(emb["auto"], emb["bf16" if native_bf16(use_gpu=False) else "fp32"])
+    assert jobs["fp32"].data.negatives.rows_key() != jobs["bf16"].data.negatives.rows_key()  # cached apart
+
+    groups = rerank_groups(load_split(jobs["fp32"], "train"))
+    mined = {p: mine_negatives(groups, jobs[p].data.negatives) for p in ("fp32", "bf16")}
+    same = [len({*a} & {*b}) / max(len(a), 1) for a, b in zip(mined["fp32"].docs, mined["bf16"].docs)]
+    assert np.mean(same) > 0.9, same
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))

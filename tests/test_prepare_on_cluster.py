@@ -15,12 +15,13 @@ pytestmark = pytest.mark.slow
 
 def _job(path, out, where: str, encoder: str, *extra: str):
     # one mining actor (each loads the encoder); the tiny random encoder scores everything alike: no score filters
-    # (the search with them is checked against mine_hard_negatives and all-MiniLM-L6-v2 in test_losses.py)
+    # (the search with them is checked against mine_hard_negatives and all-MiniLM-L6-v2 in test_losses.py); fp32, as
+    # bf16 may swap near-ties
     return load_job(None, [
         "task=rerank", "train.loss=LambdaLoss", f"data.train={{path: {path}, columns: {{query: question, positive: answer}}}}",
         f"run.output_dir={out}", f"data.prepare_on={where}", f"data.negatives.model={encoder}", "data.negatives.num=3",
         "data.negatives.sampling=top", "data.negatives.max_score=null", "data.negatives.relative_margin=null",
-        "data.negatives.concurrency=1", *extra,
+        "data.negatives.concurrency=1", "data.negatives.precision=fp32", *extra,
     ])  # fmt: skip
 
 

@@ -2,7 +2,7 @@
 
 :func:`needs_mining` decides from the loss (:data:`ce_ray.tasks.LOSSES`) and ``data.negatives.mine``;
 :func:`mine_negatives` runs sentence-transformers' ``mine_hard_negatives`` with the
-``data.negatives.model`` bi-encoder; :func:`with_eval_negatives` does the same for eval/test rows
+``data.negatives.model`` bi-encoder (:func:`load_encoder`: bf16 autocast where ``data.negatives.precision`` says so); :func:`with_eval_negatives` does the same for eval/test rows
 without negatives (as the notebook does). Caching the result is :mod:`ce_ray.data.prepare`'s job.
 """
 
@@ -21,7 +21,7 @@ from ce_ray.data.errors import DataError
 from ce_ray.data.groups import RerankGroups
 from ce_ray.tasks import LossSpec
 
-__all__ = ["mine_negatives", "needs_mining", "select_negatives", "with_eval_negatives"]
+__all__ = ["load_encoder", "mine_negatives", "needs_mining", "select_negatives", "with_eval_negatives"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,24 @@ def mine_negatives(
     return RerankGroups(list(groups.queries), docs_out, labels_out, groups.kind)
 
 
+def load_encoder(cfg: NegativesConfig, device: str | None = None):
+    """The ``cfg.model`` bi-encoder (a ``SentenceTransformer``) on ``device``, its forward pass under bf16 autocast
+    where ``cfg.precision`` resolves to bf16: the embeddings still come out fp32, so the search over them is fp32."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from ce_ray.modeling import resolve_model_name
+    from ce_ray.runtime import native_bf16
+
+    encoder = SentenceTransformer(resolve_model_name(cfg.model), device=device)
+    kind = encoder.device.type
+    if kind in ("cpu", "cuda") and (
+        cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(use_gpu=kind == "cuda"))
+    ):
+        encoder.forward = torch.autocast(kind, dtype=torch.bfloat16)(encoder.forward)  # what encode() calls
+    return encoder
+
+
 def _mine_here(
     pairs_q: list[str], pairs_p: list[str], corpus: list[str] | None, cfg: NegativesConfig, range_max: int,
     device: str | None,
@@ -115,12 +133,9 @@ def _mine_here(
     import random
 
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from ce_ray.modeling import resolve_model_name
-
-    encoder = SentenceTransformer(resolve_model_name(cfg.model), device=device)
+    encoder = load_encoder(cfg, device)
     state = random.getstate()  # the library samples with the global `random`: seeded here, restored after
     random.seed(cfg.seed)
     try:

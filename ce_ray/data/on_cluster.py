@@ -187,14 +187,13 @@ def prepare_on_cluster(job: JobConfig) -> PreparedSplit:
 class _Encoder:
     """A Ray Data actor: ``data.negatives.model`` loaded once; rows ``{id, text, query}`` -> ``{id, embedding}``."""
 
-    def __init__(self, model: str, batch_size: int):
+    def __init__(self, cfg: NegativesConfig):
         import torch
-        from sentence_transformers import SentenceTransformer
 
-        from ce_ray.modeling import resolve_model_name
+        from ce_ray.data.mining import load_encoder
 
-        self.model = SentenceTransformer(resolve_model_name(model), device="cuda" if torch.cuda.is_available() else "cpu")
-        self.batch_size = batch_size
+        self.model = load_encoder(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = cfg.batch_size
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -293,7 +292,7 @@ def mine_on_cluster(
     rows = pa.table({"id": np.arange(total), "text": texts + queries, "query": np.arange(total) >= n_corpus})
     block = max(cfg.batch_size, -(-total // (actors * 8)))
     embedded = ray.data.from_arrow([rows.slice(i, block) for i in range(0, total, block)]).map_batches(
-        _Encoder, fn_constructor_kwargs={"model": cfg.model, "batch_size": cfg.batch_size},
+        _Encoder, fn_constructor_kwargs={"cfg": cfg},
         batch_size=cfg.batch_size * 4, compute=ray.data.ActorPoolStrategy(size=actors), **remote,
     )  # fmt: skip
     embeddings, done, line = None, 0, _ProgressLine(f"embedded {{done:,}}/{total:,} texts on {actors} actor(s), {{rate:,.0f}} texts/s")
