@@ -19,7 +19,9 @@ Levers (each is the base plus its overrides):
 - ``lambda_7``: LambdaLoss over lists of 1 positive + 7 hard negatives (listwise, more negatives a query);
   a batch is 8 lists, so a step sees 64 pairs as in the other levers;
 - ``maxlen_128``: cheaper pairs (the dev negatives are short: 90% under 50 tokens);
-- ``together``: LambdaLoss over 1 positive + 7 hard negatives, max_length 128 and a peak rate of 8e-5.
+- ``together``: LambdaLoss over 1 positive + 7 hard negatives, max_length 128 and a peak rate of 8e-5;
+- ``together_3``: the same over lists of 1 positive + 3 hard negatives, 16 lists a step: as many pairs a step,
+  twice the questions for the same budget.
 
 ``--data train train+extra`` adds the data lever: each lever on qa/train alone and on qa/train + qa/extra (two
 sources of one job, mined together).
@@ -52,6 +54,9 @@ LEVERS = {
     # the three levers together at the peak rate that does not stall (bench/README.md)
     "together": ["train.loss=LambdaLoss", "data.negatives.num=7", "train.batch_size=8", "model.max_length=128",
                  "train.learning_rate=8e-5"],
+    # the same with lists of 1 + 3 (16 lists a step, still 64 pairs): twice the distinct questions for the pairs seen
+    "together_3": ["train.loss=LambdaLoss", "data.negatives.num=3", "train.batch_size=16", "model.max_length=128",
+                   "train.learning_rate=8e-5"],
 }
 
 
