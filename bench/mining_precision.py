@@ -2,7 +2,8 @@
 
 Mines hard negatives for the first ``--questions`` questions of qa/train (or any source) on the driver path,
 sentence-transformers' ``mine_hard_negatives``, once per precision, with the shipped rerank search's settings
-(7 negatives, ``sampling: top``, the default filters). Each precision runs in a fresh process, so neither warms the other's caches.
+(7 negatives, ``sampling: top``, the default filters). Each precision runs in a fresh process, so neither warms
+the other's caches.
 Printed: seconds, texts embedded per second, and the share of each query's fp32 negatives that the other precision
 finds too (1.0 = the same set).
 
@@ -57,7 +58,8 @@ def main() -> None:
         return
     runs = {}
     for precision in args.precisions:
-        cmd = [sys.executable, __file__, "--path", args.path, "--questions", str(args.questions), "--model", args.model, "--child", precision]
+        cmd = [sys.executable, __file__, "--path", args.path, "--questions", str(args.questions), "--model", args.model,
+               "--child", precision]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if proc.returncode != 0:
             sys.exit(f"{precision} failed:\n{proc.stderr[-4000:]}")

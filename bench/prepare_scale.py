@@ -36,6 +36,7 @@ of Ray worker (the preparation task, an encoder actor, a search actor), sampled 
 
     python bench/prepare_scale.py --task rerank --rows 10000 100000 1000000 --model /path/to/tiny-encoder
     python bench/prepare_scale.py --task rerank --rows 10000 --model bundled:all-MiniLM-L6-v2 --runs cluster-1 cluster-2
+    python bench/prepare_scale.py --task rerank --rows 10000 --precision fp32     # the encoder in fp32 (default: auto)
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ class _WorkerPeaks:
         return self.peaks
 
 
-def _rerank_child(mode: str, path: str, out_dir: str, model: str) -> None:
+def _rerank_child(mode: str, path: str, out_dir: str, model: str, precision: str) -> None:
     """One rerank preparation in this (fresh) process; prints one JSON line."""
     import logging
 
@@ -228,6 +229,7 @@ def _rerank_child(mode: str, path: str, out_dir: str, model: str) -> None:
         "task=rerank", "train.loss=LambdaLoss", f"data.train={{path: {path}, columns: {{query: question, positive: answer}}}}",
         f"run.output_dir={out_dir}", f"data.prepare_on={where}", f"data.negatives.model={model}", "data.negatives.num=3",
         "data.negatives.sampling=top", "data.negatives.max_score=null", "data.negatives.relative_margin=null",
+        f"data.negatives.precision={precision}",
     ]  # fmt: skip
     if actors:
         overrides.append(f"data.negatives.concurrency={actors}")
@@ -264,7 +266,8 @@ def rerank_main(args) -> None:
                     results.append({"rows": n, "run": mode, "skipped": f"over --driver-max-rows {args.driver_max_rows:,}"})
                     continue
                 out_dir = Path(tmp) / f"run-{n}-{mode}"
-                cmd = [sys.executable, __file__, "--task", "rerank", "--model", args.model, "--child", mode, str(path), str(out_dir)]
+                cmd = [sys.executable, __file__, "--task", "rerank", "--model", args.model, "--precision", args.precision,
+                       "--child", mode, str(path), str(out_dir)]  # fmt: skip
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
                 if proc.returncode != 0:
                     sys.exit(f"{mode} on {n:,} pairs failed:\n{proc.stderr[-4000:]}")
@@ -274,7 +277,8 @@ def rerank_main(args) -> None:
                 results.append(row)
                 print(f"  {mode} {n:,} pairs: {row['seconds']:.1f} s, driver peak {row['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
 
-    print(f"\nsynthetic rerank pairs, 3 hard negatives each (sampling top), encoder {args.model}; {os.cpu_count()} CPUs")
+    print(f"\nsynthetic rerank pairs, 3 hard negatives each (sampling top), encoder {args.model} "
+          f"(data.negatives.precision: {args.precision}); {os.cpu_count()} CPUs")  # fmt: skip
     print("| pairs | path | seconds | embed texts/s | driver peak MiB | task peak MiB | encoder actor peak MiB | search actor peak MiB |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
@@ -296,6 +300,7 @@ def main() -> None:
     parser.add_argument("--task", choices=["nli", "rerank"], default="nli")
     parser.add_argument("--runs", nargs="+", choices=["check", "prepare", "driver", "cluster-1", "cluster-2"], default=["check", "prepare"])
     parser.add_argument("--model", default="bundled:all-MiniLM-L6-v2", help="rerank: data.negatives.model")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="rerank: data.negatives.precision")
     parser.add_argument("--driver-max-rows", type=int, default=100_000,
                         help="rerank: skip the driver path above this (mine_hard_negatives scores 16,384 queries x the "
                         "whole corpus at once: 64 GB at 1M pairs)")  # fmt: skip
@@ -305,7 +310,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, metavar=("MODE", "PARQUET", "OUT_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child and args.task == "rerank":
-        _rerank_child(*args.child, args.model)
+        _rerank_child(*args.child, args.model, args.precision)
         return
     if args.child:
         _child(*args.child, args.check_module, args.bad_share > 0)
