@@ -3,7 +3,8 @@
 :func:`needs_mining` decides from the loss (:data:`ce_ray.tasks.LOSSES`) and ``data.negatives.mine``;
 :func:`mine_negatives` runs sentence-transformers' ``mine_hard_negatives`` with the
 ``data.negatives.model`` bi-encoder (:func:`load_encoder`: bf16 autocast where ``data.negatives.precision``
-says so); :func:`with_eval_negatives` does the same for eval/test rows without negatives (as the notebook does). Caching the result is :mod:`ce_ray.data.prepare`'s job.
+says so); :func:`with_eval_negatives` does the same for eval/test rows without negatives (as the notebook
+does). Caching the result is :mod:`ce_ray.data.prepare`'s job.
 """
 
 from __future__ import annotations
