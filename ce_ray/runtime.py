@@ -1,12 +1,13 @@
 """What this process runs on: Ray (an existing cluster when there is one, else a local one on this machine) and
-the hardware (:func:`native_bf16`). Imports nothing of ce-ray: training and serving both use it."""
+the hardware (:func:`native_bf16`, :func:`resolve_precision`). Imports nothing of ce-ray: data, training and serving
+use it."""
 
 from __future__ import annotations
 
 import logging
 import os
 
-__all__ = ["PROPAGATED_ENV", "SETUP_HOOK", "cpu_flags", "ensure_ray", "native_bf16"]
+__all__ = ["PROPAGATED_ENV", "SETUP_HOOK", "cpu_flags", "ensure_ray", "native_bf16", "resolve_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,3 +84,11 @@ def native_bf16(use_gpu: bool) -> bool:
     if {"avx512_bf16", "amx_bf16"} & flags:
         return True
     return platform.machine() in ("aarch64", "arm64") and "bf16" in flags
+
+
+def resolve_precision(precision: str, use_gpu: bool) -> str:
+    """A precision setting (``train.precision``, ``data.negatives.precision``) on this machine: ``auto`` = bf16 where
+    it is native (:func:`native_bf16`), else fp32; anything else as given."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(use_gpu) else "fp32"

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from ce_ray.config import load_job
+from ce_ray.runtime import resolve_precision
 from ce_ray.training import run_training
-from ce_ray.training.recipe import resolve_precision
 
 
 def rerank_job(tiny_model, qa_files, out: Path, *overrides: str):

@@ -115,13 +115,11 @@ def load_encoder(cfg: NegativesConfig, device: str | None = None):
     from sentence_transformers import SentenceTransformer
 
     from ce_ray.modeling import resolve_model_name
-    from ce_ray.runtime import native_bf16
+    from ce_ray.runtime import resolve_precision
 
     encoder = SentenceTransformer(resolve_model_name(cfg.model), device=device)
     kind = encoder.device.type
-    if kind in ("cpu", "cuda") and (
-        cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(use_gpu=kind == "cuda"))
-    ):
+    if kind in ("cpu", "cuda") and resolve_precision(cfg.precision, use_gpu=kind == "cuda") == "bf16":
         encoder.forward = torch.autocast(kind, dtype=torch.bfloat16)(encoder.forward)  # what encode() calls
     return encoder
 

@@ -25,13 +25,13 @@ from ce_ray import storage
 from ce_ray.config import JobConfig, job_from_dict
 from ce_ray.data.prepare import PreparedData, load_prepared
 from ce_ray.modeling import load_cross_encoder, set_pad_multiple
-from ce_ray.runtime import native_bf16
+from ce_ray.runtime import resolve_precision
 from ce_ray.tasks import LOSSES, TASKS, build_loss
 from ce_ray.training.callbacks import CHECKPOINT_SUBDIR, EarlyStopping, Progress, Reporter, add_throughput
 from ce_ray.training.card import card_data
 from ce_ray.training.instrument import WorkerStats
 
-__all__ = ["pad_multiple", "resolve_precision", "train_loop_per_worker", "training_arguments"]
+__all__ = ["pad_multiple", "train_loop_per_worker", "training_arguments"]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -171,13 +171,6 @@ def training_arguments(job: JobConfig, world_size: int, output_dir: str, resumin
         torch_compile=t.compile,
         optim=t.optimizer,
     )
-
-
-def resolve_precision(precision: str, use_gpu: bool) -> str:
-    """``train.precision`` on this worker: ``auto`` = bf16 where it is native (:func:`native_bf16`), else fp32."""
-    if precision != "auto":
-        return precision
-    return "bf16" if native_bf16(use_gpu) else "fp32"
 
 
 def pad_multiple(job: JobConfig) -> int | None:
