@@ -23,6 +23,19 @@ def test_every_shipped_job_validates(path):
     assert job.num_labels == (3 if job.task == "nli" else 1)
 
 
+def test_a_run_sees_local_paths_as_absolute_and_uris_as_given(tmp_path, monkeypatch):
+    """Relative paths mean the directory ce-ray runs in; the run's own processes (a Tune trial runs in its trial
+    directory, a worker on another node in its own) get them absolute."""
+    monkeypatch.chdir(tmp_path)
+    job = load_job(
+        None,
+        ["task=rerank", "data.train=[{path: a.parquet}, {path: s3://bucket/b.parquet}]", "data.eval=sub/dev.jsonl",
+         "data.test=file:///data/test.csv", "run.output_dir=out"],
+    ).for_run()
+    assert [s.path for s in job.data.train_sources] == [str(tmp_path / "a.parquet"), "s3://bucket/b.parquet"]
+    assert (job.data.eval.path, job.data.test.path, job.run.output_dir) == (str(tmp_path / "sub/dev.jsonl"), "/data/test.csv", str(tmp_path / "out"))
+
+
 def test_issue_keys_exist_and_override():
     job = load_job(
         None,

@@ -143,10 +143,13 @@ def test_nli_search_stops_a_bad_trial_early_and_exports_the_best(tiny_model, tmp
         assert (out / "report" / name).stat().st_size > 0
 
 
-def whole_node_trial(tiny_model, tmp_path, ray, name: str, rows: int, max_steps: int, checkpoint_every: int):
-    """A one-trial search whose single worker takes every CPU of the node."""
+def whole_node_trial(tiny_model, tmp_path, ray, name: str, rows: int, max_steps: int, checkpoint_every: int, relative=False):
+    """A one-trial search whose single worker takes every CPU of the node (``relative``: the job names its files
+    relative to ``tmp_path``, the directory the test runs in)."""
     cpus = int(ray.cluster_resources()["CPU"])
     train = keyword_nli(tmp_path / "train.parquet", rows, seed=0)
+    if relative:
+        train = os.path.relpath(train, tmp_path)
     return load_job(
         None,
         base={
@@ -155,16 +158,21 @@ def whole_node_trial(tiny_model, tmp_path, ray, name: str, rows: int, max_steps:
             "data": {"train": train, "eval": train},
             "train": {"max_steps": max_steps, "batch_size": 16},
             "scaling": {"num_workers": 1, "cpus_per_worker": cpus},
-            "run": {"output_dir": str(tmp_path / "out"), "name": name, "checkpoint_every": checkpoint_every},
+            "run": {"output_dir": "out" if relative else str(tmp_path / "out"), "name": name, "checkpoint_every": checkpoint_every},
             "tune": {"num_samples": 1, "search": "random", "scheduler": "none", "max_failures": 1,
                      "search_space": {"train.learning_rate": {"choice": [1e-3]}}},
         },
     )
 
 
-def test_a_trial_whose_workers_take_every_cpu_still_runs(tiny_model, tmp_path, ray_session):
-    """The trial's driver holds no CPU, so workers may take all of them (it used to wait forever)."""
-    outcome = run_tuning(whole_node_trial(tiny_model, tmp_path, ray_session, "allcpus", rows=64, max_steps=4, checkpoint_every=4))
+def test_a_trial_whose_workers_take_every_cpu_still_runs(tiny_model, tmp_path, ray_session, monkeypatch):
+    """The trial's driver holds no CPU, so workers may take all of them (it used to wait forever). The job names its
+    files relative to the directory ce-ray runs in, as the shipped jobs do: the trial, which Tune runs in its own
+    directory, reads the same files (it used to fail with "data.eval: file not found")."""
+    monkeypatch.chdir(tmp_path)
+    job = whole_node_trial(tiny_model, tmp_path, ray_session, "allcpus", rows=64, max_steps=4, checkpoint_every=4, relative=True)
+    assert job.data.train.path == "train.parquet"
+    outcome = run_tuning(job)
     assert [t["status"] for t in outcome.trials] == ["COMPLETED"], outcome.trials
     # the search sampled the learning rate only: the report shows the batch size the trial used (the job's)
     report_md = (tmp_path / "out" / "report" / "report.md").read_text()
