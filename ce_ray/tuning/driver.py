@@ -279,7 +279,8 @@ def refit_job(job: JobConfig, trial: JobConfig) -> JobConfig:
     apply_override(raw, "run.name", f"{job.run.name}-refit")
     apply_override(raw, "run.restart", True)  # a fresh training of the chosen config, whichever trial won
     try:
-        return job_from_dict(raw, "tune.refit_set")
+        # for_run: a relative path in refit_set names the same file (and cache key) before the search and in the refit
+        return job_from_dict(raw, "tune.refit_set").for_run()
     except ConfigError as exc:
         raise ConfigError([f"tune.refit_set: {e}" for e in exc.errors]) from None
 
