@@ -58,9 +58,9 @@ def _print_json(obj) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ce_ray.training import run_training
-
     job = load_job(args.job, [*args.overrides, *(["run.restart=true"] if args.restart else [])])
+    from ce_ray.training import run_training  # after the config: a bad one fails before ~5 s of imports
+
     with console.session(f"train {args.job}", job.run.output_dir, verbose=args.verbose > 0):
         outcome = run_training(job)
         console.say(console.train_summary(outcome.summary))
@@ -69,9 +69,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from ce_ray.tuning import run_tuning
-
     job = load_job(args.job, [*args.overrides, *(["run.restart=true"] if args.restart else [])])
+    from ce_ray.tuning import run_tuning  # after the config, as in train
+
     with console.session(f"tune {args.job}", job.run.output_dir, verbose=args.verbose > 0):
         outcome = run_tuning(job)
         console.say(console.tune_summary({**outcome.best, "report_dir": outcome.report_dir}))
@@ -86,14 +86,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if not args.job:
         raise ConfigError("validate: give a job file (or --keys to list every key)")
     job = load_job(args.job, args.overrides)
-    if job.tune.search_space is not None or job.tune.points_to_evaluate:
-        from ce_ray.tuning import search_space
+    if job.tune.search_space is not None or job.tune.points_to_evaluate or job.tune.refit:
+        from ce_ray.tuning.space import refit_job, search_space
 
-        search_space(job)
-    if job.tune.refit:
-        from ce_ray.tuning.driver import refit_job
-
-        refit_job(job, job)
+        if job.tune.search_space is not None or job.tune.points_to_evaluate:
+            search_space(job)
+        if job.tune.refit:
+            refit_job(job, job)
     if args.data:
         from ce_ray.data import load_split
 

@@ -66,9 +66,9 @@ from ce_ray.tuning import report
 from ce_ray.training.card import SearchSummary, add_search_summary, write_model_card
 from ce_ray.training.checkpoint import staged_model
 from ce_ray.training.driver import hyperparameters
-from ce_ray.tuning.space import build_searcher, encode, search_space, trial_job, tune_domains, values_in_space
+from ce_ray.tuning.space import build_searcher, encode, refit_job, search_space, trial_job, tune_domains, values_in_space
 
-__all__ = ["TuneOutcome", "refit_job", "run_tuning"]
+__all__ = ["TuneOutcome", "run_tuning"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,8 @@ def _check_before_ray(job: JobConfig) -> tuple[dict[str, Any], PreparedSplit, Pr
     eval_split = _prepare_all(job, space)
     test_split = prepare_split(job, "test") if job.data.test is not None else None
     if job.tune.refit:
-        _prepare_all(refit_job(job, job), space, key="tune.refit_set")
+        # for_run, as the refit's run_training does: a relative path in refit_set keys the same prepared data
+        _prepare_all(refit_job(job, job).for_run(), space, key="tune.refit_set")
     score_baseline(job, eval_split, test_split)
     return space, eval_split, test_split
 
@@ -268,21 +269,6 @@ def _best_trial(job: JobConfig, trials: list[dict[str, Any]], metric: str, mode:
         raise RuntimeError(f"tune: no trial finished an evaluation ({errors})")
     best_trial = best_by(ok, f"best_{metric}", mode)
     return best_trial, trial_job(job.to_dict(), {k: encode(v) for k, v in best_trial["params"].items()})
-
-
-def refit_job(job: JobConfig, trial: JobConfig) -> JobConfig:
-    """The best trial's job with ``tune.refit_set`` applied, trained under ``<output_dir>/refit``."""
-    raw = trial.to_dict()
-    for key, value in job.tune.refit_set.items():
-        apply_override(raw, key, value)
-    apply_override(raw, "run.output_dir", storage.join(job.run.output_dir, "refit"))
-    apply_override(raw, "run.name", f"{job.run.name}-refit")
-    apply_override(raw, "run.restart", True)  # a fresh training of the chosen config, whichever trial won
-    try:
-        # for_run: a relative path in refit_set names the same file (and cache key) before the search and in the refit
-        return job_from_dict(raw, "tune.refit_set").for_run()
-    except ConfigError as exc:
-        raise ConfigError([f"tune.refit_set: {e}" for e in exc.errors]) from None
 
 
 def _refit(job: JobConfig, best_job: JobConfig, best_trial: dict[str, Any], metric: str, mode: str) -> dict[str, Any]:

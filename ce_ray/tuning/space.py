@@ -1,4 +1,5 @@
-"""The search space: the task's default or ``tune.search_space``, validated, and Tune's domains for it.
+"""The search space: the task's default or ``tune.search_space``, validated, and Tune's domains for it; the jobs it
+makes (a trial's, the refit's).
 
 A domain is ``{loguniform: [lo, hi]}``, ``{uniform: [lo, hi]}``, ``{choice: [..]}``, ``{grid: [..]}``,
 ``{randint: [lo, hi]}`` or a fixed value; every value a domain can take must give a valid job, and
@@ -12,6 +13,7 @@ import copy
 import json
 from typing import Any
 
+from ce_ray import storage
 from ce_ray.config import ConfigError, JobConfig, apply_override, job_from_dict
 from ce_ray.tasks import default_search_losses
 
@@ -128,6 +130,20 @@ def trial_job(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
     for key, value in params.items():
         apply_override(raw, key, decode(value))
     return job_from_dict(raw)
+
+
+def refit_job(job: JobConfig, trial: JobConfig) -> JobConfig:
+    """The best trial's job with ``tune.refit_set`` applied, trained under ``<output_dir>/refit``."""
+    raw = trial.to_dict()
+    for key, value in job.tune.refit_set.items():
+        apply_override(raw, key, value)
+    apply_override(raw, "run.output_dir", storage.join(job.run.output_dir, "refit"))
+    apply_override(raw, "run.name", f"{job.run.name}-refit")
+    apply_override(raw, "run.restart", True)  # a fresh training of the chosen config, whichever trial won
+    try:
+        return job_from_dict(raw, "tune.refit_set")
+    except ConfigError as exc:
+        raise ConfigError([f"tune.refit_set: {e}" for e in exc.errors]) from None
 
 
 def values_in_space(space: dict[str, Any], key: str, default: Any) -> list[Any]:
