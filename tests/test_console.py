@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ce_ray.console import Console, TrainProgress, TuneBoard, log_path
 
@@ -219,9 +220,13 @@ def test_rank_predict_and_evaluate_print_only_their_json_unless_verbose(tiny_mod
         "predict": ["predict", "--model", tiny_model, "A man eats", "A man is eating"],
         "evaluate": ["evaluate", "--model", tiny_model, "--task", "rerank", "--data", str(data)],
     }
+    # the four processes (each mostly its single-threaded imports) two at a time, one per core
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = dict(zip([*commands, "rank -v"], pool.map(lambda argv: _small_command(tmp_path, *argv),
+                                                         [*commands.values(), [*commands["rank"], "-v"]])))
     results = {}
-    for name, argv in commands.items():
-        proc = _small_command(tmp_path, *argv)
+    for name in commands:
+        proc = procs[name]
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = json.loads(proc.stdout)  # nothing but the JSON
         assert not NOISE.search(proc.stdout + proc.stderr), proc.stdout + proc.stderr
@@ -230,7 +235,7 @@ def test_rank_predict_and_evaluate_print_only_their_json_unless_verbose(tiny_mod
     assert results["evaluate"]["rows"] == 4 and 0 <= results["evaluate"]["ndcg@10"] <= 1
 
     # -v: the libraries' logging and progress bars are back on stderr, the result alone on stdout
-    proc = _small_command(tmp_path, *commands["rank"], "-v")
+    proc = procs["rank -v"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert " INFO sentence_transformers" in proc.stderr and "Batches: 100%|" in proc.stderr, proc.stderr
     assert json.loads(proc.stdout) == results["rank"]
