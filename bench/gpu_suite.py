@@ -99,7 +99,7 @@ def build_parts(args, work: Path) -> list[tuple[str, list[list[str]], float, Pat
         res = work / f"train_b{batch}.json"
         argv = [py, "bench/train_throughput.py", "--device", device, "--model", model, "--data", str(data / "nli"),
                 "--precision", "fp32" if dry else "bf16", "--workers", "1", "--no-plain", "--json", str(res)]
-        argv += ["--rows", "64", "--batch", "8"] if dry else ["--rows", str(rows), "--batch", str(batch)]
+        argv += ["--rows", "64", "--batch", "8", "--no-warmup"] if dry else ["--rows", str(rows), "--batch", str(batch)]
         parts.append((f"train_b{batch}", [argv], 120 if dry else 100, res))
 
     res = work / "packing.json"

@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=None, help="ce-ray worker counts (default: 1 2 on CPU, 1 on GPU)")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain-batches row (Ray's own cost)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="skip the unmeasured warm-up run (for a check that the script works, not its numbers)")
     args = parser.parse_args()
 
     import pandas as pd
@@ -127,7 +129,8 @@ def main() -> None:
     # Ray's first minute (dashboard, agents, first worker processes) competes for the cores: warm up
     # with a few steps that are not measured, so every row sees a running Ray.
     cpus = float(cores) if args.device == "cpu" else 1.0
-    ce_ray_way(args, train_path, eval_path, args.model, 1, cpus, extra=["train.max_steps=4"])
+    if args.warmup:
+        ce_ray_way(args, train_path, eval_path, args.model, 1, cpus, extra=["train.max_steps=4"])
     # The same batches as the notebook first (Ray's own overhead), then ce-ray as shipped.
     if not args.no_plain:
         sps, summary = ce_ray_way(args, train_path, eval_path, args.model, 1, cpus, grouped=False)
