@@ -37,6 +37,23 @@ def worker_stats(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "workers").glob("rank*.json"))]
 
 
+def test_the_driver_side_needs_no_trainer_imports_and_names_rays_checkpoint_folder():
+    """The processes that only start a run (the driver, a Tune trial's driver) do not import transformers' Trainer,
+    sentence-transformers or scikit-learn (~3 s a process); the checkpoint folder they read is the one Ray writes."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ce_ray.training import make_trainer; from ce_ray.tuning.driver import _trial_driver; "
+            "print(sorted(m for m in ('transformers.trainer', 'sentence_transformers', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    from ce_ray.training.checkpoint import CHECKPOINT_SUBDIR
+
+    assert CHECKPOINT_SUBDIR == RayTrainReportCallback.CHECKPOINT_NAME
+
+
 def test_two_workers_shard_the_data_and_end_with_identical_weights(tiny_model, nli_files, tmp_path, ray_session):
     out = tmp_path / "run"
     job = nli_job(tiny_model, nli_files, out, "scaling.num_workers=2", "run.checkpoint_every=4", "run.log_row_ids=true")

@@ -10,14 +10,13 @@ import time
 from typing import Any
 
 import ray.train
-from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import TrainerCallback
+
+from ce_ray.training.checkpoint import CHECKPOINT_SUBDIR
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_SUBDIR", "EarlyStopping", "Progress", "Reporter"]
-
-CHECKPOINT_SUBDIR = RayTrainReportCallback.CHECKPOINT_NAME  # "checkpoint"
+__all__ = ["EarlyStopping", "Progress", "Reporter"]
 
 
 def _eval_entries(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:

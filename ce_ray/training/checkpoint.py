@@ -11,9 +11,12 @@ from ce_ray import storage
 from ce_ray.config import JobConfig
 from ce_ray.modeling import export_model
 from ce_ray.tasks import TASKS, best_by
-from ce_ray.training.callbacks import CHECKPOINT_SUBDIR
 
-__all__ = ["chosen_checkpoint", "export_checkpoint", "staged_model"]
+__all__ = ["CHECKPOINT_SUBDIR", "chosen_checkpoint", "export_checkpoint", "staged_model"]
+
+# The folder inside a Ray checkpoint that holds the model: Ray's RayTrainReportCallback.CHECKPOINT_NAME, written
+# here so the driver need not import transformers' Trainer to read it (tests/test_train.py checks they agree).
+CHECKPOINT_SUBDIR = "checkpoint"
 
 
 @contextlib.contextmanager

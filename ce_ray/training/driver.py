@@ -41,7 +41,6 @@ from ce_ray.runtime import ensure_ray
 from ce_ray.tasks import TASKS, plain_metrics
 from ce_ray.training.card import write_model_card
 from ce_ray.training.checkpoint import best_checkpoint, chosen_checkpoint, staged_model
-from ce_ray.training.instrument import read_worker_stats
 from ce_ray.training.recipe import train_loop_per_worker
 
 __all__ = ["TrainOutcome", "hyperparameters", "make_trainer", "run_training", "summarize"]
@@ -221,6 +220,8 @@ def run_training(job: JobConfig, label: str = "train") -> TrainOutcome:
 
     # [3] Publish the final model (best or last checkpoint, with its test score, the retriever
     #     baseline and the model card inside) and the summary, both atomically.
+    from ce_ray.training.instrument import read_worker_stats  # its module imports what the workers need
+
     workers = read_worker_stats(stats_dir, job.scaling.num_workers)
     summary = summarize(job, result, prepared, workers, time.time() - started)
     checkpoint = chosen_checkpoint(job, result)

@@ -27,9 +27,8 @@ from ce_ray.data.prepare import PreparedData, load_prepared
 from ce_ray.modeling import load_cross_encoder, set_pad_multiple
 from ce_ray.runtime import resolve_precision
 from ce_ray.tasks import LOSSES, TASKS, build_loss
-from ce_ray.training.callbacks import CHECKPOINT_SUBDIR, EarlyStopping, Progress, Reporter, add_throughput
 from ce_ray.training.card import card_data
-from ce_ray.training.instrument import WorkerStats
+from ce_ray.training.checkpoint import CHECKPOINT_SUBDIR
 
 __all__ = ["pad_multiple", "train_loop_per_worker", "training_arguments"]
 
@@ -38,9 +37,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs. ``config``: ``job`` (dict), ``data`` (PreparedData dict), ``stats_dir``,
     ``log_dir`` (where rank 0 publishes its TensorBoard events, or None), ``progress`` (a ``ray.util.queue.Queue``
     rank 0 sends its progress to for the driver's console, or None)."""
+    # Here, not at the top: the processes that only hand this function to Ray Train (the driver, a Tune trial's
+    # driver) then skip ~3 s of imports (transformers' Trainer, sentence-transformers, scikit-learn).
     from ray.train.huggingface.transformers import prepare_trainer
     from sentence_transformers.cross_encoder import CrossEncoderTrainer
     from transformers import set_seed
+
+    from ce_ray.training.callbacks import EarlyStopping, Progress, Reporter, add_throughput
+    from ce_ray.training.instrument import WorkerStats
 
     # [1] The job, and this worker's place in the group.
     job = job_from_dict(config["job"])
