@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ce_ray import console, storage
-from ce_ray.config import ConfigError, JobConfig, apply_override, job_from_dict
+from ce_ray.config import ConfigError, JobConfig
 from ce_ray.data.prepare import PreparedSplit, check_batch_fits, prepare_split
 from ce_ray.modeling import check_model
 from ce_ray.quality import model_quality, read_model_quality, score_baseline
