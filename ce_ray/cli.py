@@ -86,13 +86,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if not args.job:
         raise ConfigError("validate: give a job file (or --keys to list every key)")
     job = load_job(args.job, args.overrides)
-    if job.tune.search_space is not None or job.tune.points_to_evaluate or job.tune.refit:
-        from ce_ray.tuning.space import refit_job, search_space
+    if job.tune.search_space is not None or job.tune.points_to_evaluate:
+        from ce_ray.tuning.space import search_space
 
-        if job.tune.search_space is not None or job.tune.points_to_evaluate:
-            search_space(job)
-        if job.tune.refit:
-            refit_job(job, job)
+        search_space(job)
+    if job.tune.refit:
+        from ce_ray.tuning.space import refit_job
+
+        refit_job(job, job)
     if args.data:
         from ce_ray.data import load_split
 
