@@ -153,7 +153,8 @@ def retriever_cosines(job: JobConfig, split: PreparedSplit, device: str | None =
 
 
 def _scored_queries(job: JobConfig, model, split: PreparedSplit) -> list[dict[str, Any]]:
-    """Every query of a rerank split with the model's logits and the retriever's cosines (positives first)."""
+    """Every query of a rerank split with the model's logits, its scores (the logits through the model's activation,
+    as ``model.predict`` and the library evaluator give them) and the retriever's cosines (positives first)."""
     import numpy as np
     import torch
 
@@ -163,24 +164,33 @@ def _scored_queries(job: JobConfig, model, split: PreparedSplit) -> list[dict[st
         pairs, batch_size=job.train.eval_batch_size, activation_fn=torch.nn.Identity(), convert_to_numpy=True,
         show_progress_bar=False,
     )  # fmt: skip
+    # What the library evaluator ranks by: the model's own activation (Sigmoid for one label) on the same fp32 logits
+    scores = model.activation_fn(torch.from_numpy(np.asarray(logits, dtype=np.float32))).numpy().reshape(-1)
     cosines = retriever_cosines(job, split)
     out, start = [], 0
     for p, n, cos in zip(cols["positive"], cols["negative"], cosines):
         end = start + len(p) + len(n)
-        out.append({"logits": np.asarray(logits[start:end], dtype=np.float64).reshape(-1), "cosines": np.asarray(cos), "positives": len(p)})
+        out.append({
+            "logits": np.asarray(logits[start:end], dtype=np.float64).reshape(-1), "scores": scores[start:end],
+            "cosines": np.asarray(cos), "positives": len(p),
+        })  # fmt: skip
         start = end
     return out
 
 
 def fuse_with_retriever(job: JobConfig, model, eval_split: PreparedSplit, test_split: PreparedSplit | None) -> dict[str, Any]:
     """Fusion of ``model`` (a loaded CrossEncoder) with the retriever: the weight fitted on the eval rows, the fused
-    eval (and test) metrics, and the pure model's test metrics from the same scores (:mod:`ce_ray.fusion`)."""
+    eval (and test) metrics, and the pure model's test metrics from the same predictions (:mod:`ce_ray.fusion`).
+
+    The pure metrics are ``CrossEncoderRerankingEvaluator``'s on the test rows: the same pairs in the same order,
+    one ``predict`` at the same batch size, the model's activation, then its ``compute_metrics``. So a caller that
+    fuses need not run the evaluator too (each test pair is scored once)."""
     from ce_ray.fusion import fusion_report, rerank_metrics
 
     eval_queries = _scored_queries(job, model, eval_split)
     test_queries = _scored_queries(job, model, test_split) if test_split is not None else None
     report = fusion_report(eval_queries, test_queries, job.baseline_model, TASKS[job.task].primary_metric)
-    pure_test = rerank_metrics([(q["logits"], q["positives"]) for q in test_queries]) if test_queries else None
+    pure_test = rerank_metrics([(q["scores"], q["positives"]) for q in test_queries]) if test_queries else None
     return {"fusion": report, "pure_test": pure_test}
 
 
@@ -213,11 +223,12 @@ def model_quality(
     task = TASKS[job.task]
     test = fusion = None
     reranker = load_for_inference(model_dir)
-    if test_split is not None:  # held-out rows, scored once with the exported model (the library's evaluator)
+    if job.task == "rerank" and job.baseline_model is not None:  # fused with the retriever, reported apart
+        fused = fuse_with_retriever(job, reranker, eval_split, test_split)
+        fusion, test = fused["fusion"], fused["pure_test"]  # the pure test metrics from the same predictions
+    elif test_split is not None:  # held-out rows, scored once with the exported model (the library's evaluator)
         test_rows = load_prepared(test_split.uri).data.table
         test = task.evaluate(reranker, test_rows, job.train.eval_batch_size)
-    if job.task == "rerank" and job.baseline_model is not None:  # fused with the retriever, reported apart
-        fusion = fuse_with_retriever(job, reranker, eval_split, test_split)["fusion"]
     baseline = {
         "model": job.baseline_model,
         "eval": baseline_metrics(job, eval_split),

@@ -66,3 +66,24 @@ def test_metrics_are_the_library_evaluators_on_the_same_scores():
     got = rerank_metrics(scored)
     for key in ("map", "mrr@10", "ndcg@10"):
         assert got[key] == pytest.approx(expected[key])
+
+
+def test_the_pure_test_metrics_from_the_fusions_predictions_are_the_library_evaluators(tiny_model, qa_files, tmp_path):
+    """A rerank run scores each test pair once: the pure model's test metrics come from the predictions fusion
+    makes anyway, and they equal what ``CrossEncoderRerankingEvaluator`` (``Task.evaluate``) gives on the same rows."""
+    from ce_ray.config import load_job
+    from ce_ray.data.prepare import load_prepared, prepare_split
+    from ce_ray.modeling import load_for_inference
+    from ce_ray.quality import fuse_with_retriever
+    from ce_ray.tasks import TASKS
+
+    job = load_job(None, [
+        "task=rerank", f"model.name={tiny_model}", f"data.train={qa_files['dev']}", f"data.eval={qa_files['dev']}",
+        f"data.test={qa_files['dev']}", "train.eval_batch_size=7", f"run.output_dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+    model = load_for_inference(tiny_model)
+    eval_split, test_split = prepare_split(job, "eval"), prepare_split(job, "test")
+    got = fuse_with_retriever(job, model, eval_split, test_split)
+    expected = TASKS["rerank"].evaluate(model, load_prepared(test_split.uri).data.table, job.train.eval_batch_size)
+    assert got["pure_test"] == expected
+    assert got["fusion"]["test"] is not None and got["fusion"]["retriever"] == job.baseline_model
