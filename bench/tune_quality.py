@@ -10,11 +10,15 @@ For each task, on the real data in ../shared/data with the bundled all-MiniLM-L6
    training questions when the job has ``tune.refit: true`` (the shipped rerank search does).
 
     python bench/tune_quality.py --task nli       # 10k rows, 1 epoch per trial; test = nli/test (2,950 pairs)
-    python bench/tune_quality.py --task rerank    # 1k qa/train pairs + mined negatives; dev split in halves:
-                                                  # first 325 queries tune (120 of them), last 325 test
+    python bench/tune_quality.py --task rerank    # jobs/rerank_tune.yaml: 1,000 questions of qa/train and 1,000 of
+                                                  # qa/extra a trial, refit on all 26,790; dev split in halves:
+                                                  # first 325 queries tune, last 325 test (scored once)
+    python bench/tune_quality.py --task rerank --from-run runs/rerank-tune --no-recipe
+                                                  # the table of a finished `ce-ray tune jobs/rerank_tune.yaml`
 
-Prints one table per task. Bars (from the brief): nli test accuracy 0.617 for the recipe;
-rerank zero-shot bi-encoder MRR@10 0.817 / NDCG@10 0.853 on all of qa/dev.
+Prints one table per task, with wall times ("search" counts from the start of ``run_tuning``: the data
+preparation, the search's mining and the refit's, is in it). Bars (from the brief): nli test accuracy 0.617 for
+the recipe; rerank: the zero-shot bi-encoder's NDCG@10 0.846 on the test half of qa/dev.
 """
 
 from __future__ import annotations
@@ -32,46 +36,51 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
 
-def recipe_and_search(job_file: str, overrides: list[str], out: Path, recipe: list[str], reuse_recipe: bool = False) -> dict:
+def recipe_run(job_file: str, overrides: list[str], out: Path, recipe: list[str], reuse_recipe: bool = False) -> dict | None:
+    """The notebook's recipe, trained once on the search's data budget (None with ``--no-recipe``)."""
     from ce_ray.config import load_job
-    from ce_ray.tasks import TASKS
     from ce_ray.training import run_training
-    from ce_ray.tuning import run_tuning
 
-    tune_job = load_job(REPO / job_file, overrides + [f"run.output_dir={out / 'tune'}"])
-    task = TASKS[tune_job.task]
-
-    started = time.time()
     recipe_job = load_job(REPO / job_file, overrides + recipe + [f"run.output_dir={out / 'recipe'}", "run.name=recipe"])
     finished = out / "recipe" / "summary.json"
+    started = time.time()
     if reuse_recipe and finished.exists():  # the recipe run of an earlier bench with the same --out
         summary = json.loads(finished.read_text())
-        recipe_s = summary["wall_time_s"]
+        seconds = summary["wall_time_s"]
         print(f"reusing the recipe run in {finished.parent}")
     else:
         summary = run_training(recipe_job).summary  # scores data.test with the final model
-        recipe_s = time.time() - started
-    recipe_test = summary["metrics_test"]
+        seconds = time.time() - started
+    return {"loss": summary["loss"], "lr": recipe_job.train.learning_rate, "batch": recipe_job.train.batch_size,
+            "eval": summary["metrics_after"], "test": summary["metrics_test"], "seconds": seconds}
 
-    started = time.time()
-    outcome = run_tuning(tune_job)
-    search_s = time.time() - started
-    best = outcome.best
+
+def search_result(best: dict) -> dict:
+    """The rows of the table from a finished search's ``best.json`` (``ce-ray tune``'s, or this bench's own)."""
+    from ce_ray.tasks import TASKS
+
     refit = best.get("refit")
     return {
-        "task": tune_job.task,
-        "metric": task.primary_metric,
-        "recipe": {"loss": summary["loss"], "lr": recipe_job.train.learning_rate, "batch": recipe_job.train.batch_size,
-                   "eval": summary["metrics_after"], "test": recipe_test, "seconds": recipe_s},
+        "task": best["job"]["task"],
+        "metric": TASKS[best["job"]["task"]].primary_metric,
         "search": {"trials": best["num_trials"], "stopped_early": best["trials_stopped_early"],
                    "best": {"loss": best["loss"], "params": best["params"], "eval": best["value"]},
                    "test": best["trial_quality"]["model"]["test"] or {},
-                   "seconds": search_s - (refit["wall_time_s"] if refit else 0)},
+                   "seconds": best["wall_time_s"] - (refit["wall_time_s"] if refit else 0)},
         "refit": {"rows": refit["train_rows"], "exported": refit["chosen"], "eval": refit["eval_value"],
                   "test": refit["quality"]["model"]["test"] or {}, "seconds": refit["wall_time_s"]} if refit else None,
         "baseline_test": (best.get("baseline") or {}).get("test"),
         "fused": best.get("fusion"),  # best/ fused with the retriever (weight fitted on eval), reported apart
     }
+
+
+def run_search(job_file: str, overrides: list[str], out: Path) -> dict:
+    """``ce-ray tune`` of the shipped job (its search, and its refit where it has one) under ``out/tune``."""
+    from ce_ray.config import load_job
+    from ce_ray.tuning import run_tuning
+
+    outcome = run_tuning(load_job(REPO / job_file, overrides + [f"run.output_dir={out / 'tune'}"]))
+    return outcome.best
 
 
 def zero_shot_bi_encoder(test_path: Path, offset: int) -> dict:
@@ -97,24 +106,34 @@ def main() -> None:
     parser.add_argument("--reuse-recipe", action="store_true",
                         help="reuse a finished recipe run under --out (its summary.json) instead of training it again")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set for both runs")
+    parser.add_argument("--from-run", metavar="DIR",
+                        help="a finished `ce-ray tune` of the shipped job (its run.output_dir): report its best.json "
+                             "instead of running the search")
+    parser.add_argument("--no-recipe", action="store_true", help="leave out the recipe's row (no training run)")
     args = parser.parse_args()
     out = Path(args.out).resolve() / args.task
     overrides = [f"tune.num_samples={args.trials}", *args.overrides]
     if args.task == "nli":
+        job_file = "jobs/nli_tune.yaml"
         overrides += [f"data.train.path={DATA / 'nli/train.parquet'}", f"data.eval.path={DATA / 'nli/dev.parquet'}",
                       f"data.test.path={DATA / 'nli/test.parquet'}"]
-        result = recipe_and_search("jobs/nli_tune.yaml", overrides, out,
-                                   ["train.learning_rate=5e-5", "train.batch_size=64", "train.loss=CrossEntropyLoss"], args.reuse_recipe)
+        recipe = ["train.learning_rate=5e-5", "train.batch_size=64", "train.loss=CrossEntropyLoss"]
         bars = "bar: recipe on nli/test 0.617 accuracy (brief)"
     else:
-        # The shipped search (1,000 questions a source and trial, qa/train + qa/extra, + 7 mined negatives each;
+        # The shipped search (1,000 questions a source and trial, qa/train + qa/extra, + 3 mined negatives each;
         # refit on all 26,790), trials evaluated on the first 325 dev queries; the test half (last 325) is untouched.
+        job_file = "jobs/rerank_tune.yaml"
         overrides = [f"data.train.0.path={DATA / 'qa/train.parquet'}", f"data.train.1.path={DATA / 'qa/extra.parquet'}",
                      f"data.eval.path={DATA / 'qa/dev.parquet'}", f"data.test.path={DATA / 'qa/dev.parquet'}", *overrides]
-        result = recipe_and_search("jobs/rerank_tune.yaml", overrides, out,
-                                   ["train.learning_rate=2e-5", "train.batch_size=64", "train.loss=BinaryCrossEntropyLoss"], args.reuse_recipe)
+        recipe = ["train.learning_rate=2e-5", "train.batch_size=64", "train.loss=BinaryCrossEntropyLoss"]
+        bars = "bar: zero-shot bi-encoder NDCG@10 0.846 on the test half of qa/dev (brief)"
+    if args.from_run:  # a finished `ce-ray tune` of the shipped job: read its best.json, run nothing
+        result = search_result(json.loads((Path(args.from_run) / "best.json").read_text()))
+    else:
+        result = search_result(run_search(job_file, overrides, out))
+    result["recipe"] = None if args.no_recipe else recipe_run(job_file, overrides, out, recipe, args.reuse_recipe)
+    if args.task == "rerank":
         result["zero_shot_bi_encoder_test"] = result["baseline_test"] or zero_shot_bi_encoder(DATA / "qa/dev.parquet", offset=325)
-        bars = "bar: zero-shot bi-encoder MRR@10 0.817 / NDCG@10 0.853 on all of qa/dev (brief)"
 
     metric = result["metric"]
     print(f"\n{result['task']}: test {metric} (and the rest), same data budget per run; {bars}")
@@ -124,8 +143,9 @@ def main() -> None:
     if "zero_shot_bi_encoder_test" in result:
         z = result["zero_shot_bi_encoder_test"]
         print(f"{'zero-shot bi-encoder (cosine), bundled MiniLM-L6':56} {z[metric]:14.4f}  {others(z)}")
-    label = f"recipe: {r['loss']} lr {r['lr']:g} batch {r['batch']}"
-    print(f"{label:56} {r['test'][metric]:14.4f}  {others(r['test'])}")
+    if r:
+        label = f"recipe: {r['loss']} lr {r['lr']:g} batch {r['batch']}"
+        print(f"{label:56} {r['test'][metric]:14.4f}  {others(r['test'])}")
     best = s["best"]
     label = f"search best of {s['trials']} ({s['stopped_early']} stopped): {best['loss']} lr {best['params'].get('train.learning_rate', 0):.2g} batch {best['params'].get('train.batch_size', '')}"
     print(f"{label:56} {s['test'].get(metric, float('nan')):14.4f}  {others(s['test'])}")
@@ -137,8 +157,10 @@ def main() -> None:
     if fused and fused.get("test"):
         label = f"fused: best/ + bi-encoder (weight {fused['weight']:g} fitted on eval)"
         print(f"{label:56} {fused['test'].get(metric, float('nan')):14.4f}  {others(fused['test'])}")
-    print(f"wall time: recipe {r['seconds'] / 60:.1f} min, search {s['seconds'] / 60:.1f} min"
-          + (f", refit {f['seconds'] / 60:.1f} min" if f else ""))
+    times = ([f"recipe {r['seconds'] / 60:.1f} min"] if r else []) + [f"search {s['seconds'] / 60:.1f} min"]
+    times += [f"refit {f['seconds'] / 60:.1f} min"] if f else []
+    print("wall time: " + ", ".join(times))
+    out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(result, indent=2, default=str))
 
 
