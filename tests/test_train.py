@@ -54,6 +54,49 @@ def test_the_driver_side_needs_no_trainer_imports_and_names_rays_checkpoint_fold
     assert CHECKPOINT_SUBDIR == RayTrainReportCallback.CHECKPOINT_NAME
 
 
+def test_the_step_0_score_is_kept_for_the_next_run_from_the_same_model_and_rows(tiny_model, nli_files, tmp_path):
+    """The evaluation at step 0 runs once per model and eval rows: a later run (a trial with another learning rate,
+    the refit) reads it, with no forward pass; another model, or other rows, score again."""
+    import torch
+
+    from ce_ray.data.prepare import load_prepared, prepare_split
+    from ce_ray.modeling import load_cross_encoder
+    from ce_ray.tasks import NLI
+    from ce_ray.training.instrument import CountingEvaluator, start_score_key
+
+    job = load_job(None, ["task=nli", f"model.name={tiny_model}", f"data.train={nli_files['train']}",
+                          f"data.eval={nli_files['dev']}", f"run.output_dir={tmp_path / 'run'}"])
+    rows = load_prepared(prepare_split(job, "eval").uri).data.table
+    forward = []
+
+    def model_for(j):
+        torch.manual_seed(j.train.seed)
+        model = load_cross_encoder(j.model, j.task, device="cpu")
+        model.register_forward_hook(lambda *a: forward.append(1))
+        return model
+
+    def step_0(j, model):
+        uri = str(tmp_path / f"start-{hash(json.dumps(start_score_key(j, model, 'eval-rows', 'fp32'), sort_keys=True))}.json")
+        evaluator = CountingEvaluator(NLI.evaluator(rows, 16), uri)
+        return evaluator(model, steps=0), evaluator
+
+    first, scored = step_0(job, model_for(job))
+    assert forward and not scored.start_reused
+    forward.clear()
+    other_lr = job.model_copy(update={"train": job.train.model_copy(update={"learning_rate": 1e-9})})
+    again, reused = step_0(other_lr, model_for(other_lr))
+    assert again == first and reused.start_reused and not forward
+    assert reused.primary_metric == scored.primary_metric and again[reused.primary_metric] == first[scored.primary_metric]
+    # another head (another seed): its own score
+    other_seed = job.model_copy(update={"train": job.train.model_copy(update={"seed": 7})})
+    _, rescored = step_0(other_seed, model_for(other_seed))
+    assert forward and not rescored.start_reused
+    # a later evaluation always runs
+    forward.clear()
+    reused(model_for(job), steps=8)
+    assert forward
+
+
 def test_two_workers_shard_the_data_and_end_with_identical_weights(tiny_model, nli_files, tmp_path, ray_session):
     out = tmp_path / "run"
     job = nli_job(tiny_model, nli_files, out, "scaling.num_workers=2", "run.checkpoint_every=4", "run.log_row_ids=true")

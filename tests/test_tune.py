@@ -108,7 +108,13 @@ def test_nli_search_stops_a_bad_trial_early_and_exports_the_best(tiny_model, tmp
     # The refit trained the winner's config again on every training row, and best/ is whichever of the two
     # scored higher on the eval rows (the refit on a tie); both test scores are recorded.
     refit = best["refit"]
-    assert refit["train_rows"] == 256 and json.loads((out / "refit" / "summary.json").read_text())["train_rows"] == 256
+    refit_summary = json.loads((out / "refit" / "summary.json").read_text())
+    assert refit["train_rows"] == 256 and refit_summary["train_rows"] == 256
+    # Every trial and the refit start from the same model on the same eval rows: their step-0 score is one,
+    # scored by the first trial and read by the others (one trial at a time here)
+    starts = [t["metrics_before"] for t in outcome.trials]
+    assert starts[0] and all(s == starts[0] for s in starts)
+    assert refit_summary["metrics_before_reused"] and refit_summary["metrics_before"] == starts[0]
     assert refit["set"] == {"data.train.select": None}
     trial_eval = best["trial_quality"]["model"]["eval"]["accuracy"]
     assert best["value"] == pytest.approx(trial_eval)

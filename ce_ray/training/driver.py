@@ -146,6 +146,8 @@ def summarize(job: JobConfig, result, prepared: PreparedData, workers: list[dict
         "hyperparameters": hyperparameters(job, workers),
         "primary_metric": task.primary_metric,
         "metrics_before": before,
+        # the step-0 score read from an earlier run's, with the same model and eval rows (training.instrument)
+        "metrics_before_reused": any(w.get("start_score_reused") for w in workers),
         "metrics_after": after,
         "improvement": (after.get(task.primary_metric, float("nan")) - before.get(task.primary_metric, float("nan")))
         if before and after

@@ -2,7 +2,8 @@
 
 None of it changes training. :class:`WorkerStats` wraps a ready ``CrossEncoderTrainer``: it counts
 the rows the data collator hands this rank (and fingerprints them with ``run.log_row_ids``, so tests
-can prove the shards are disjoint), times the training steps alone, counts evaluator runs, and
+can prove the shards are disjoint), times the training steps alone, counts evaluator runs (and keeps the step-0 score for the next run
+that starts from the same model and eval rows: :class:`CountingEvaluator`), and
 writes ``<stats_dir>/rank<N>.json`` when training starts and when it ends (peak memory, a checksum
 of the weights to show DDP ranks end identical, where it ran, its placement group).
 """
@@ -22,7 +23,7 @@ from transformers import TrainerCallback
 from ce_ray import storage
 from ce_ray.workarounds.ray_54305 import placement_group_id
 
-__all__ = ["CountingEvaluator", "WorkerStats", "read_worker_stats"]
+__all__ = ["CountingEvaluator", "WorkerStats", "read_worker_stats", "start_score_key"]
 
 
 class _RowCounter:
@@ -63,18 +64,60 @@ class _Timer(TrainerCallback):
 
 
 class CountingEvaluator(SequentialEvaluator):
-    """The task's evaluator, counting how often this rank ran it (sentence-transformers runs it on rank 0)."""
+    """The task's evaluator, counting how often this rank ran it (sentence-transformers runs it on rank 0).
 
-    def __init__(self, evaluator):
+    ``start_uri``: where the evaluation at step 0 is kept. Every run and trial that starts from the same model
+    and scores the same eval rows the same way gets the same step-0 score (:func:`start_score_key` says what
+    "the same" covers), so the first one writes it there and the later ones read it instead of scoring again.
+    """
+
+    def __init__(self, evaluator, start_uri: str | None = None):
         super().__init__([evaluator])
         self.calls = 0
+        self.start_reused = False
+        self.start_uri = start_uri
 
     def __call__(self, model, output_path=None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
         self.calls += 1
         evaluator = self.evaluators[0]
+        start = self.start_uri if steps == 0 else None
+        if start and storage.exists(start):
+            kept = storage.read_json(start)
+            metrics = kept["metrics"]
+            evaluator.primary_metric = self.primary_metric = kept["primary_metric"]  # as the evaluator's call sets it
+            evaluator.store_metrics_in_model_card_data(model, metrics, epoch, steps)  # and the model card's metrics
+            self.start_reused = True
+            return metrics
         metrics = evaluator(model, output_path, epoch, steps)
         self.primary_metric = evaluator.primary_metric
+        if start:
+            plain = {k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()}
+            storage.write_json(start, {"metrics": plain, "primary_metric": self.primary_metric})
         return metrics
+
+
+def start_score_key(job, model, eval_rows: str, precision: str) -> dict[str, Any]:
+    """What decides a run's score at step 0: the model as loaded (a checksum of its weights, new head included,
+    and ``model.*``), the eval rows (``eval_rows``: their prepared copy's content key), and how they are scored
+    (batch size, precision, threads, device, compilation, library versions). Not the optimiser, the loss, the batch
+    size or the training rows: none of them has touched the model before its first evaluation."""
+    import sentence_transformers
+    import torch
+    import transformers
+
+    return {
+        "weights": _param_checksum(model),
+        "model": job.model.model_dump(mode="json"),
+        "task": job.task,
+        "eval": eval_rows,
+        "eval_batch_size": job.train.eval_batch_size,
+        "precision": precision,
+        "compile": job.train.compile,
+        "pad_to_multiple_of": job.train.pad_to_multiple_of,
+        "device": torch.cuda.get_device_name() if job.scaling.use_gpu and torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+        "versions": [torch.__version__, transformers.__version__, sentence_transformers.__version__],
+    }
 
 
 def _peak_gpu_gib() -> float | None:
@@ -114,8 +157,8 @@ class WorkerStats:
         }
         self.started = 0.0
 
-    def wrap_evaluator(self, evaluator) -> CountingEvaluator:
-        self.evaluator = CountingEvaluator(evaluator)
+    def wrap_evaluator(self, evaluator, start_uri: str | None = None) -> CountingEvaluator:
+        self.evaluator = CountingEvaluator(evaluator, start_uri)
         return self.evaluator
 
     def attach(self, trainer) -> None:
@@ -143,6 +186,7 @@ class WorkerStats:
             "step_seconds": self.timer.step_seconds,
             "samples_per_second": rows / self.timer.step_seconds if self.timer.step_seconds else None,
             "evaluations_run": self.evaluator.calls if self.evaluator else None,
+            "start_score_reused": self.evaluator.start_reused if self.evaluator else None,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mem_gib": _peak_gpu_gib(),
             "param_checksum": _param_checksum(trainer.model),

@@ -23,7 +23,7 @@ import ray.train
 
 from ce_ray import storage
 from ce_ray.config import JobConfig, job_from_dict
-from ce_ray.data.prepare import PreparedData, load_prepared
+from ce_ray.data.prepare import PreparedData, fingerprint, load_prepared
 from ce_ray.modeling import load_cross_encoder, set_pad_multiple
 from ce_ray.runtime import resolve_precision
 from ce_ray.tasks import LOSSES, TASKS, build_loss
@@ -44,7 +44,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from transformers import set_seed
 
     from ce_ray.training.callbacks import EarlyStopping, Progress, Reporter, add_throughput
-    from ce_ray.training.instrument import WorkerStats
+    from ce_ray.training.instrument import WorkerStats, start_score_key
 
     # [1] The job, and this worker's place in the group.
     job = job_from_dict(config["job"])
@@ -70,10 +70,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_dataset = load_prepared(prepared.train.uri)
     eval_rows = load_prepared(prepared.eval.uri).data.table
 
-    # [4] Loss (shaped for the rows) and evaluator (run by rank 0, others lend forward passes).
+    # [4] Loss (shaped for the rows) and evaluator (run by rank 0, others lend forward passes). A single
+    #     worker keeps its step-0 score beside the prepared eval rows, for the next run or trial from the same
+    #     model (with several, rank 0 must not skip an evaluation the other ranks lend their forward passes to).
+    start_uri = None
+    if world_size == 1:
+        root, rows = prepared.eval.uri.rstrip("/").rsplit("/", 1)  # rows: the eval split's content key
+        key = start_score_key(job, model, rows, resolve_precision(job.train.precision, job.scaling.use_gpu))
+        start_uri = f"{root}/start-score-{fingerprint(key, 'v1')}.json"
     loss = build_loss(job.loss, model, train_dataset.data.table)
     train_dataset = per_source(job, train_dataset)
-    evaluator = stats.wrap_evaluator(task.evaluator(eval_rows, job.train.eval_batch_size))
+    evaluator = stats.wrap_evaluator(task.evaluator(eval_rows, job.train.eval_batch_size), start_uri)
 
     # [5] Arguments: per-worker batch = global batch / world size; resume from Ray's latest checkpoint.
     checkpoint = ray.train.get_checkpoint()

@@ -133,10 +133,13 @@ def trial_job(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
 
 
 def refit_job(job: JobConfig, trial: JobConfig) -> JobConfig:
-    """The best trial's job with ``tune.refit_set`` applied, trained under ``<output_dir>/refit``."""
+    """The best trial's job with ``tune.refit_set`` applied, trained under ``<output_dir>/refit``, its data cached
+    with the search's (so the eval and test rows are prepared once, and the refit reuses the trials' step-0 score)."""
     raw = trial.to_dict()
     for key, value in job.tune.refit_set.items():
         apply_override(raw, key, value)
+    if raw["data"].get("cache_dir") is None:  # the search's cache root (data.prepare.cache_root's default)
+        apply_override(raw, "data.cache_dir", storage.join(job.run.output_dir, "data"))
     apply_override(raw, "run.output_dir", storage.join(job.run.output_dir, "refit"))
     apply_override(raw, "run.name", f"{job.run.name}-refit")
     apply_override(raw, "run.restart", True)  # a fresh training of the chosen config, whichever trial won
