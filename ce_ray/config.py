@@ -898,13 +898,15 @@ class JobConfig(_Section):
 
     def for_run(self) -> JobConfig:
         """A copy ready for ``train``/``tune``: data.train and data.eval set (else :class:`ConfigError`), and
-        ``run.output_dir`` and every local data path absolute, so workers on other nodes and processes that run
+        ``run.output_dir``, ``data.cache_dir`` and every local data path absolute, so workers on other nodes and processes that run
         elsewhere (a Tune trial runs in its trial directory) see the same place."""
         from ce_ray.storage import is_local, resolve_uri
 
         self.require_data("train", "eval")
         job = self.model_copy(deep=True)
         job.run.output_dir = resolve_uri(job.run.output_dir)
+        if job.data.cache_dir is not None:
+            job.data.cache_dir = resolve_uri(job.data.cache_dir)
         for src in [*job.data.train_sources, job.data.eval, job.data.test]:
             if src is not None and src.path is not None and is_local(src.path):
                 src.path = resolve_uri(src.path)

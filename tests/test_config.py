@@ -34,6 +34,8 @@ def test_a_run_sees_local_paths_as_absolute_and_uris_as_given(tmp_path, monkeypa
     ).for_run()
     assert [s.path for s in job.data.train_sources] == [str(tmp_path / "a.parquet"), "s3://bucket/b.parquet"]
     assert (job.data.eval.path, job.data.test.path, job.run.output_dir) == (str(tmp_path / "sub/dev.jsonl"), "/data/test.csv", str(tmp_path / "out"))
+    for given, seen in (("cache", str(tmp_path / "cache")), ("s3://bucket/cache", "s3://bucket/cache")):
+        assert load_job(None, ["task=nli", "data.train=a.parquet", "data.eval=b.parquet", f"data.cache_dir={given}"]).for_run().data.cache_dir == seen
 
 
 def test_issue_keys_exist_and_override():
