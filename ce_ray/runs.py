@@ -24,7 +24,7 @@ from typing import Any
 from ce_ray import storage
 from ce_ray.config import ConfigError, JobConfig
 
-__all__ = ["check_run_identity", "run_identity"]
+__all__ = ["check_run_identity", "run_identity", "same_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,3 +80,9 @@ def check_run_identity(job: JobConfig, kind: str, started: bool) -> None:
             "--restart (run.restart: true) to start it over, or another run.name"
         )
     storage.write_json(uri, identity)
+
+
+def same_run(job: JobConfig, kind: str) -> bool:
+    """Whether ``job``'s ``run.name`` was started before with the settings it has now (its ``.run.json``)."""
+    uri = storage.join(job.run.output_dir, f"{job.run.name}.run.json")
+    return storage.exists(uri) and storage.read_json(uri) == run_identity(job, kind)

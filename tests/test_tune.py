@@ -349,3 +349,51 @@ def test_rerank_search_resumes_after_the_driver_is_killed(tiny_model, qa_files, 
     noise = ("Started a local Ray instance", "Trial status", "RayTrainWorker", "TrainController")
     assert not any(n in second.stdout + second.stderr for n in noise), second.stdout[-3000:] + second.stderr[-3000:]
     assert all(n in (out / "logs" / "console.log").read_text() for n in noise)
+
+
+def test_a_tune_stopped_during_its_refit_continues_the_refit_from_its_checkpoint(tiny_model, qa_files, tmp_path):
+    """Kill `ce-ray tune` once its refit has saved a checkpoint; the re-run keeps the search and resumes the refit."""
+    out = tmp_path / "out"
+    job_file = tmp_path / "rerank_tune.yaml"
+    job = {
+        "task": "rerank",
+        "model": {"name": tiny_model, "max_length": 64},
+        "data": {
+            "train": {"path": qa_files["train"], "columns": {"query": "question", "positive": "answer"}, "select": 32},
+            "eval": qa_files["dev"],
+            "negatives": {"num": 2},
+        },
+        "train": {"max_steps": 6, "batch_size": 8, "loss": "BinaryCrossEntropyLoss"},
+        "run": {"output_dir": str(out), "name": "rf", "checkpoint_every": 6},
+        "tune": {"num_samples": 1, "scheduler": "none", "refit": True, "search_space": {"train.learning_rate": {"loguniform": [1e-5, 1e-4]}},
+                 "refit_set": {"data.train.select": None, "train.max_steps": 36}},
+    }  # fmt: skip
+    job_file.write_text(yaml.safe_dump(job))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "ce_ray.cli", "tune", str(job_file)]
+    refit_run = out / "refit" / "rf-refit"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 420
+        try:  # the refit's first checkpoint, registered with Ray Train (its snapshot names it)
+            while time.time() < deadline and not (refit_run / "checkpoint_manager_snapshot.json").exists():
+                assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                time.sleep(0.2)
+            assert (refit_run / "checkpoint_manager_snapshot.json").exists(), "the refit saved no checkpoint in time"
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+            first.wait()
+    assert not (out / "best.json").exists()
+    assert "refit: training the best trial's config again" in (tmp_path / "first.log").read_text()
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    console = second.stdout.splitlines()
+    assert any(line.startswith("tune: resuming the experiment") for line in console), console
+    assert not any(line.startswith("trial ") and " finished at step " in line for line in console), console  # kept
+    assert any(line.startswith("refit: resuming the refit of the best trial's config again") for line in console), console
+    stats = json.loads((out / "refit" / "workers" / "rank0.json").read_text())
+    assert stats["resumed"] is True and stats["global_step"] == 36, stats
+    assert 0 <= stats["steps_this_attempt"] <= 30, stats  # continued from step 6 or later, not from 0
+    best = json.loads((out / "best.json").read_text())
+    assert best["refit"]["train_rows"] > 32 and (out / "best" / "model.safetensors").exists()

@@ -38,7 +38,8 @@ Features, with the key that controls each:
 - TensorBoard logs under ``<output_dir>/<run.name>/``; MLflow with ``tune.mlflow_uri``.
 - Resilience: crashed trials are retried (``tune.max_failures``; inside a trial, worker failures
   restart from its checkpoint per ``run.max_failures``); re-running with the same ``run.name``
-  restores the experiment and does not redo finished trials.
+  restores the experiment and does not redo finished trials; a refit that was under way continues from
+  its last checkpoint when the same config wins again.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from ce_ray.config import ConfigError, JobConfig
 from ce_ray.data.prepare import PreparedSplit, check_batch_fits, prepare_split
 from ce_ray.modeling import check_model
 from ce_ray.quality import model_quality, read_model_quality, score_baseline
-from ce_ray.runs import check_run_identity
+from ce_ray.runs import check_run_identity, same_run
 from ce_ray.runtime import ensure_ray
 from ce_ray.tasks import TASKS, best_by
 from ce_ray.tuning import report
@@ -276,8 +277,15 @@ def _refit(job: JobConfig, best_job: JobConfig, best_trial: dict[str, Any], metr
     from ce_ray.training import run_training
 
     started = time.time()
-    console.say(f"refit: training the best trial's config again with {json.dumps(job.tune.refit_set)}")
-    outcome = run_training(refit_job(job, best_job), label="refit")
+    refit = refit_job(job, best_job)
+    # A tune that was stopped during its refit continues that refit from its last checkpoint when the same
+    # config won again; a refit of another config (or an older search's) starts over.
+    resume = same_run(refit, "train") and storage.exists(storage.join(refit.run.output_dir, refit.run.name))
+    if resume:
+        refit = refit.model_copy(update={"run": refit.run.model_copy(update={"restart": False})})
+    verb = "resuming the refit of" if resume else "training"
+    console.say(f"refit: {verb} the best trial's config again with {json.dumps(job.tune.refit_set)}")
+    outcome = run_training(refit, label="refit")
     plain = metric.removeprefix("eval_")
     refit_value = outcome.summary["metrics_final"].get(plain)
     trial_value = best_trial[f"best_{metric}"]
