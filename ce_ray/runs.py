@@ -10,7 +10,8 @@ old run's checkpoints and starts over.
 Part of the identity: ``task``, ``model``, the data sources (with each local file's size and sha256, a
 remote file's size and mtime),
 ``data.negatives``/``drop_invalid``, the loss and optimisation settings of ``train`` and, for tune, the
-search (space, searcher, scheduler, metric, refit). Not part of it (they may change on resume): the
+search (space, searcher, scheduler, metric, refit; of ``tune.refit_set``, all but its ``scaling.*`` and ``run.*``
+keys). Not part of it (they may change on resume): the
 budget (``train.epochs``/``max_steps``/``early_stopping_patience``: a longer budget continues the run),
 the machinery (precision, batching, dataloaders), ``scaling``, ``run``, ``serve``, ``eval``,
 ``tune.num_samples``/``max_concurrent_trials``/``max_failures``/``mlflow_uri``, ``data.cache_dir``.
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 # What defines the model being trained; the budget (epochs, max_steps, early stopping) and the machinery
 # (precision, batching, dataloaders) may change on resume: a longer budget continues the same run.
 _TRAIN_KEYS = ("loss", "learning_rate", "batch_size", "warmup_ratio", "weight_decay", "lr_scheduler", "seed", "optimizer")
+_MACHINERY = ("scaling.", "run.")  # keys of tune.refit_set that may change on resume, as scaling and run do
 _TUNE_KEYS = ("search_space", "search", "scheduler", "grace_period", "reduction_factor", "metric", "mode", "seed",
               "points_to_evaluate", "refit", "refit_set", "startup_trials")
 
@@ -60,6 +62,8 @@ def run_identity(job: JobConfig, kind: str) -> dict[str, Any]:
             identity["data"][split] = source_fingerprint(source) if source is not None else None
     if kind == "tune":
         identity["tune"] = {k: raw["tune"][k] for k in _TUNE_KEYS}
+        refit_set = raw["tune"]["refit_set"] or {}  # where and how the refit runs is machinery, as for the run itself
+        identity["tune"]["refit_set"] = {k: v for k, v in refit_set.items() if not k.startswith(_MACHINERY)}
     return _flat(identity)
 
 

@@ -156,6 +156,23 @@ def test_a_run_of_several_sources_has_an_identity_that_names_each_source(tmp_pat
         check_run_identity(job, "train", started=True)
 
 
+def test_a_search_resumes_when_only_where_its_refit_runs_changed(tmp_path, nli_files):
+    """``tune.refit_set``'s ``scaling.*`` and ``run.*`` keys are machinery, as ``scaling`` and ``run`` are for the run
+    itself: giving the refit more cores resumes the search; refitting with another loss is another search."""
+    from ce_ray.runs import check_run_identity
+
+    frame = pd.read_parquet(nli_files["train"])
+    runs = f"run.output_dir={tmp_path / 'runs'}"
+    refit = "tune.refit_set={data.train.select: null, run.checkpoint_every: 250, scaling.cpus_per_worker: 1}"
+    job = _two_sources(tmp_path, [frame.head(20), frame.iloc[20:40]], runs, refit)
+    check_run_identity(job, "tune", started=False)
+    more_cores = _two_sources(tmp_path, [frame.head(20), frame.iloc[20:40]], runs, refit.replace("cpus_per_worker: 1", "cpus_per_worker: 2"))
+    check_run_identity(more_cores, "tune", started=True)
+    other_loss = _two_sources(tmp_path, [frame.head(20), frame.iloc[20:40]], runs, refit.replace("}", ", train.loss: CrossEntropyLoss}"))
+    with pytest.raises(ConfigError, match=r"changed: tune\.refit_set\.train\.loss\)"):
+        check_run_identity(other_loss, "tune", started=True)
+
+
 def test_a_re_synced_copy_of_the_same_bytes_resumes_and_keeps_its_prepared_data(tmp_path, nli_files):
     """A new machine or a re-mounted volume gives the data files a new mtime, not new content: the run resumes and
     the prepared (mined) rows are a cache hit. The same size with other bytes is another source."""
