@@ -67,13 +67,17 @@ def run_identity(job: JobConfig, kind: str) -> dict[str, Any]:
     return _flat(identity)
 
 
+def _record_uri(job: JobConfig) -> str:
+    return storage.join(job.run.output_dir, f"{job.run.name}.run.json")
+
+
 def check_run_identity(job: JobConfig, kind: str, started: bool) -> None:
     """Record (first start) or compare (``started``: checkpoints exist) the identity of ``job``'s run.
 
     Raises:
         ConfigError: the run exists with other settings and ``run.restart`` is false.
     """
-    uri = storage.join(job.run.output_dir, f"{job.run.name}.run.json")
+    uri = _record_uri(job)
     identity = run_identity(job, kind)
     recorded = storage.read_json(uri) if storage.exists(uri) else None
     if started and recorded is not None and recorded != identity:
@@ -88,5 +92,5 @@ def check_run_identity(job: JobConfig, kind: str, started: bool) -> None:
 
 def same_run(job: JobConfig, kind: str) -> bool:
     """Whether ``job``'s ``run.name`` was started before with the settings it has now (its ``.run.json``)."""
-    uri = storage.join(job.run.output_dir, f"{job.run.name}.run.json")
+    uri = _record_uri(job)
     return storage.exists(uri) and storage.read_json(uri) == run_identity(job, kind)

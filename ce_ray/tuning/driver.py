@@ -281,8 +281,7 @@ def _refit(job: JobConfig, best_job: JobConfig, best_trial: dict[str, Any], metr
     # A tune that was stopped during its refit continues that refit from its last checkpoint when the same
     # config won again; a refit of another config (or an older search's) starts over.
     resume = same_run(refit, "train") and storage.exists(storage.join(refit.run.output_dir, refit.run.name))
-    if resume:
-        refit = refit.model_copy(update={"run": refit.run.model_copy(update={"restart": False})})
+    refit = refit.model_copy(update={"run": refit.run.model_copy(update={"restart": not resume})})
     verb = "resuming the refit of" if resume else "training"
     console.say(f"refit: {verb} the best trial's config again with {json.dumps(job.tune.refit_set)}")
     outcome = run_training(refit, label="refit")

@@ -142,7 +142,6 @@ def refit_job(job: JobConfig, trial: JobConfig) -> JobConfig:
         apply_override(raw, "data.cache_dir", storage.join(job.run.output_dir, "data"))
     apply_override(raw, "run.output_dir", storage.join(job.run.output_dir, "refit"))
     apply_override(raw, "run.name", f"{job.run.name}-refit")
-    apply_override(raw, "run.restart", True)  # a fresh training of the chosen config (tuning.driver resumes the same one)
     try:
         return job_from_dict(raw, "tune.refit_set")
     except ConfigError as exc:
