@@ -193,6 +193,11 @@ def test_the_progress_queue_lives_on_the_drivers_node_and_losing_it_never_fails_
         args = SimpleNamespace(per_device_train_batch_size=8)
         state = SimpleNamespace(global_step=0, max_steps=4)
         callback.on_train_begin(args, state, None)
+        # the driver's reader prints the start line once it has taken it off the queue: kill the queue only then,
+        # else the line dies in the actor with it (CI saw that once)
+        deadline = time.monotonic() + 30
+        while "train: step 0/4 0%" not in plain.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
         ray_session.kill(progress.queue.actor)
         # ray.kill returns before the actor is gone, and a call sent meanwhile may still be answered (CI under load saw it)
         queue_actor("DEAD")
