@@ -184,6 +184,16 @@ def test_a_trial_whose_workers_take_every_cpu_still_runs(tiny_model, tmp_path, r
     report_md = (tmp_path / "out" / "report" / "report.md").read_text()
     assert "batch size 16)." in report_md and "batch size )" not in report_md
     assert re.search(r"^\| \S+ \| COMPLETED \| CrossEntropyLoss \| 0\.001 \| 16 \| ", report_md, re.M), report_md
+    # without a refit, best/ is the best trial's checkpoint, carded by the search (not by a training run)
+    from huggingface_hub import ModelCard
+
+    best = json.loads((tmp_path / "out" / "best.json").read_text())
+    card = ModelCard.load(tmp_path / "out" / "best" / "README.md")
+    assert card.data.pipeline_tag == "text-classification" and "ray-tune" in card.data.tags
+    results = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert results[("eval", "accuracy")] == pytest.approx(best["value"])
+    assert "| Trials | 1 (0 stopped early) |" in card.text and "| Loss | `CrossEntropyLoss` |" in card.text
+    assert f"| This model | the best checkpoint by eval accuracy, step {best['step']} |" in card.text
 
 
 def test_a_trial_whose_driver_crashes_is_retried_on_the_cpus_it_held(tiny_model, tmp_path, ray_session):
@@ -251,91 +261,76 @@ def _terminated_trials(experiment: Path) -> set[str]:
     return done
 
 
-def test_rerank_search_resumes_after_the_driver_is_killed(tiny_model, qa_files, tmp_path):
-    """Kill `ce-ray tune` after its first trial finished; the re-run keeps that trial and finishes the rest."""
+def test_a_killed_tune_keeps_its_finished_trials_and_then_continues_its_refit(tiny_model, qa_files, tmp_path):
+    """Kill `ce-ray tune` after its first trial finished: the re-run keeps that trial and runs the other. Kill that
+    re-run once its refit has saved a checkpoint: the third run keeps the whole search and resumes the refit."""
     out = tmp_path / "out"
     job_file = tmp_path / "rerank_tune.yaml"
-    job_file.write_text(
-        yaml.safe_dump(
-            {
-                "task": "rerank",
-                "model": {"name": tiny_model, "max_length": 128},
-                "data": {
-                    "train": {"path": qa_files["train"], "columns": {"query": "question", "positive": "answer"}, "select": 48},
-                    "eval": qa_files["dev"],
-                    "negatives": {"num": 2},
-                },
-                "train": {"max_steps": 12},
-                "run": {"output_dir": str(out), "name": "rr", "checkpoint_every": 6},
-                "tune": {
-                    "num_samples": 2,
-                    "search": "optuna",
-                    "scheduler": "none",
-                    "max_concurrent_trials": 1,
-                    "search_space": {
-                        "train.learning_rate": {"loguniform": [1e-5, 1e-3]},
-                        "train.batch_size": {"choice": [8, 16]},
-                        "train.loss": {"choice": ["BinaryCrossEntropyLoss", "MultipleNegativesRankingLoss", "ListNetLoss"]},
-                    },
-                },
-            }
-        )
-    )
+    job = {
+        "task": "rerank",
+        "model": {"name": tiny_model, "max_length": 64},
+        "data": {
+            "train": {"path": qa_files["train"], "columns": {"query": "question", "positive": "answer"}, "select": 48},
+            "eval": qa_files["dev"],
+            "negatives": {"num": 2},
+        },
+        "train": {"max_steps": 12},
+        "run": {"output_dir": str(out), "name": "rr", "checkpoint_every": 6},
+        "tune": {
+            "num_samples": 2,
+            "search": "optuna",
+            "scheduler": "none",
+            "max_concurrent_trials": 1,
+            "search_space": {
+                "train.learning_rate": {"loguniform": [1e-5, 1e-3]},
+                "train.batch_size": {"choice": [8, 16]},
+                "train.loss": {"choice": ["BinaryCrossEntropyLoss", "MultipleNegativesRankingLoss", "ListNetLoss"]},
+            },
+            "refit": True,
+            "refit_set": {"data.train.select": None, "train.max_steps": 36},
+        },
+    }
+    job_file.write_text(yaml.safe_dump(job))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "ce_ray.cli", "tune", str(job_file)]
-    log = open(tmp_path / "first.log", "w")
-    # --verbose: the first run keeps Ray's, Tune's and the workers' output on its terminal, and writes no log file
-    first = subprocess.Popen([*command, "--verbose"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    experiment = out / "rr"
-    deadline = time.time() + 420
-    try:
-        while time.time() < deadline and not _terminated_trials(experiment):
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.5)
-        finished = _terminated_trials(experiment)
-        assert finished, "no trial finished in time"
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        first.wait()
-        log.close()
+    experiment, refit_run = out / "rr", out / "refit" / "rr-refit"
+
+    def run_until(name: str, done, argv: list[str]) -> str:
+        """Run ``argv`` until ``done()`` holds, then kill it (the driver and the local Ray it started); its output."""
+        with open(tmp_path / f"{name}.log", "w") as log:
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.time() + 420
+            try:
+                while time.time() < deadline and not done():
+                    assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
+                    time.sleep(0.2)
+                assert done(), f"{name}: not there in time"
+            finally:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return (tmp_path / f"{name}.log").read_text()
+
+    # 1. Killed after its first trial finished. --verbose: Ray's, Tune's and the workers' output on its terminal,
+    #    and no log file.
+    verbose = run_until("first", lambda: bool(_terminated_trials(experiment)), [*command, "--verbose"])
+    finished = _terminated_trials(experiment)
     assert not (out / "best.json").exists()
-    verbose = (tmp_path / "first.log").read_text()
     assert "Started a local Ray instance" in verbose and "RayTrainWorker" in verbose, verbose[-3000:]
     assert "tune: 2 trials, up to 1 at a time, optuna search; metric eval_ndcg@10 (max)" in verbose.splitlines(), verbose[-3000:]  # ce-ray's own lines too
     assert not (out / "logs").exists()
     kept = {t: (out / "rr-trials" / f"trial-{t}" / "workers" / "rank0.json").read_text() for t in finished}
 
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    with open(out / "trials.csv") as f:
-        table = list(csv.DictReader(f))
-    assert len(table) == 2  # restored, not a new experiment of 2 more
-    assert {r["status"] for r in table} == {"COMPLETED"}
-    for trial_id, stats in kept.items():  # the finished trial was not trained again
-        assert (out / "rr-trials" / f"trial-{trial_id}" / "workers" / "rank0.json").read_text() == stats
-    best = json.loads((out / "best.json").read_text())
-    assert best["metric"] == "eval_ndcg@10" and (out / "best" / "model.safetensors").exists()
-    # without a refit, best/ is the best trial's checkpoint, carded here (not by a training run)
-    from huggingface_hub import ModelCard
-
-    card = ModelCard.load(out / "best" / "README.md")
-    assert card.data.pipeline_tag == "text-ranking" and "ray-tune" in card.data.tags
-    results = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
-    assert results[("eval", "ndcg@10")] == pytest.approx(best["value"])
-    assert f"| Loss | `{best['loss']}` |" in card.text and "| Trials | 2 (0 stopped early) |" in card.text
-    assert f"| This model | the best checkpoint by eval ndcg@10, step {best['step']} |" in card.text
-    after, baseline = best["trial_quality"]["model"]["eval"]["ndcg@10"], best["baseline"]["eval"]["ndcg@10"]
-    assert re.search(rf"\| \*\*ndcg@10\*\* \| \d\.\d{{4}} \| {after:.4f} \| {baseline:.4f} \|", card.text)  # before | after | retriever
-    assert {r["loss"] for r in table} <= {"BinaryCrossEntropyLoss", "MultipleNegativesRankingLoss", "ListNetLoss"}
-
-    # The console had ce-ray's lines (a line per trial it ran, the summary), not Tune's tables or Ray's logs:
-    # those are in the run's log. The resumed search found the console through the callback Tune restored.
-    console = second.stdout.splitlines()
+    # 2. The re-run keeps the finished trial, runs the other, and is killed once its refit saved a checkpoint
+    #    (registered with Ray Train: its snapshot names it).
+    second = run_until("second", (refit_run / "checkpoint_manager_snapshot.json").exists, command)
+    assert not (out / "best.json").exists()
+    # The console had ce-ray's lines (a line per trial it ran), not Tune's tables or Ray's logs: those are in the
+    # run's log. The resumed search found the console through the callback Tune restored.
+    console = second.splitlines()
     assert console[0].startswith("ce-ray tune ") and f"{out / 'logs' / 'console.log'};" in console[0], console
     assert any(line.startswith("tune: resuming the experiment") for line in console), console
     ran = [line for line in console if line.startswith("trial ") and " finished at step 12/12: " in line]
     assert len(ran) == 2 - len(finished), console
-    assert any(line.startswith(f"best model: {out / 'best'}") for line in console), console
     # Each trial it ran showed its rank 0's progress in the lines of ce-ray train, headed by the trial id: a step
     # line (the start, then every 10 s on a plain console) before the trial's first evaluation and before that
     # round reached Tune's results, and its last step when its training ended.
@@ -346,54 +341,43 @@ def test_rerank_search_resumes_after_the_driver_is_killed(tiny_model, qa_files, 
         board = [i for i, text in enumerate(console) if text.startswith("tune: ") and f" {head[:-2]} at step " in text]
         assert steps and evals and board and steps[0] < evals[0] < board[0], console
         assert console[steps[-1]].startswith(head + "step 12/12 100%") and " done in " in console[steps[-1]], console
+    assert any(line.startswith("refit: training the best trial's config again") for line in console), console
     noise = ("Started a local Ray instance", "Trial status", "RayTrainWorker", "TrainController")
-    assert not any(n in second.stdout + second.stderr for n in noise), second.stdout[-3000:] + second.stderr[-3000:]
+    assert not any(n in second for n in noise), second[-3000:]
     assert all(n in (out / "logs" / "console.log").read_text() for n in noise)
 
-
-def test_a_tune_stopped_during_its_refit_continues_the_refit_from_its_checkpoint(tiny_model, qa_files, tmp_path):
-    """Kill `ce-ray tune` once its refit has saved a checkpoint; the re-run keeps the search and resumes the refit."""
-    out = tmp_path / "out"
-    job_file = tmp_path / "rerank_tune.yaml"
-    job = {
-        "task": "rerank",
-        "model": {"name": tiny_model, "max_length": 64},
-        "data": {
-            "train": {"path": qa_files["train"], "columns": {"query": "question", "positive": "answer"}, "select": 32},
-            "eval": qa_files["dev"],
-            "negatives": {"num": 2},
-        },
-        "train": {"max_steps": 6, "batch_size": 8, "loss": "BinaryCrossEntropyLoss"},
-        "run": {"output_dir": str(out), "name": "rf", "checkpoint_every": 6},
-        "tune": {"num_samples": 1, "scheduler": "none", "refit": True, "search_space": {"train.learning_rate": {"loguniform": [1e-5, 1e-4]}},
-                 "refit_set": {"data.train.select": None, "train.max_steps": 36}},
-    }  # fmt: skip
-    job_file.write_text(yaml.safe_dump(job))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "ce_ray.cli", "tune", str(job_file)]
-    refit_run = out / "refit" / "rf-refit"
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 420
-        try:  # the refit's first checkpoint, registered with Ray Train (its snapshot names it)
-            while time.time() < deadline and not (refit_run / "checkpoint_manager_snapshot.json").exists():
-                assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-                time.sleep(0.2)
-            assert (refit_run / "checkpoint_manager_snapshot.json").exists(), "the refit saved no checkpoint in time"
-        finally:
-            os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
-            first.wait()
-    assert not (out / "best.json").exists()
-    assert "refit: training the best trial's config again" in (tmp_path / "first.log").read_text()
-
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    console = second.stdout.splitlines()
+    # 3. The third run keeps the search and continues the refit from its checkpoint.
+    third = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    console = third.stdout.splitlines()
     assert any(line.startswith("tune: resuming the experiment") for line in console), console
     assert not any(line.startswith("trial ") and " finished at step " in line for line in console), console  # kept
     assert any(line.startswith("refit: resuming the refit of the best trial's config again") for line in console), console
+    assert any(line.startswith(f"best model: {out / 'best'}") for line in console), console
     stats = json.loads((out / "refit" / "workers" / "rank0.json").read_text())
     assert stats["resumed"] is True and stats["global_step"] == 36, stats
     assert 0 <= stats["steps_this_attempt"] <= 30, stats  # continued from step 6 or later, not from 0
+
+    with open(out / "trials.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 2  # restored, not a new experiment of 2 more
+    assert {r["status"] for r in table} == {"COMPLETED"}
+    assert {r["loss"] for r in table} <= {"BinaryCrossEntropyLoss", "MultipleNegativesRankingLoss", "ListNetLoss"}
+    for trial_id, trial_stats in kept.items():  # the trial finished before the first kill was not trained again
+        assert (out / "rr-trials" / f"trial-{trial_id}" / "workers" / "rank0.json").read_text() == trial_stats
     best = json.loads((out / "best.json").read_text())
-    assert best["refit"]["train_rows"] > 32 and (out / "best" / "model.safetensors").exists()
+    assert best["metric"] == "eval_ndcg@10" and (out / "best" / "model.safetensors").exists()
+    assert best["refit"]["train_rows"] > 48
+    # best/'s card: whichever model it is, with the search's summary and the retriever it is set beside
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "best" / "README.md")
+    assert card.data.pipeline_tag == "text-ranking" and "ray-tune" in card.data.tags
+    assert f"| Loss | `{best['loss']}` |" in card.text and "| Trials | 2 (0 stopped early) |" in card.text
+    exported = "refit" if best["refit"]["chosen"] else "trial"
+    assert best["exported"] == exported
+    after = (best["refit"]["quality"] if exported == "refit" else best["trial_quality"])["model"]["eval"]["ndcg@10"]
+    baseline = best["baseline"]["eval"]["ndcg@10"]
+    assert re.search(rf"\| \*\*ndcg@10\*\* \| \d\.\d{{4}} \| {after:.4f} \| {baseline:.4f} \|", card.text)  # before | after | retriever
+    if exported == "trial":  # best/ is the best trial's checkpoint, carded by the search (not by a training run)
+        assert f"| This model | the best checkpoint by eval ndcg@10, step {best['step']} |" in card.text

@@ -280,9 +280,12 @@ def _refit(job: JobConfig, best_job: JobConfig, best_trial: dict[str, Any], metr
     refit = refit_job(job, best_job)
     # A tune that was stopped during its refit continues that refit from its last checkpoint when the same
     # config won again; a refit of another config (or an older search's) starts over.
-    resume = same_run(refit, "train") and storage.exists(storage.join(refit.run.output_dir, refit.run.name))
+    run_dir = storage.join(refit.run.output_dir, refit.run.name)
+    resume = same_run(refit, "train") and storage.exists(run_dir)
     refit = refit.model_copy(update={"run": refit.run.model_copy(update={"restart": not resume})})
-    verb = "resuming the refit of" if resume else "training"
+    # Ray Train writes this snapshot when it registers a checkpoint: without it the refit starts at step 0 anyway
+    checkpointed = resume and storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
+    verb = "resuming the refit of" if checkpointed else "training"
     console.say(f"refit: {verb} the best trial's config again with {json.dumps(job.tune.refit_set)}")
     outcome = run_training(refit, label="refit")
     plain = metric.removeprefix("eval_")
