@@ -66,6 +66,9 @@ __all__ = [
 
 API_KEY_ENV = "CE_RAY_API_KEY"
 APP_NAME = "ce-ray"
+# How often a replica that Serve stops checks whether it still holds requests (Serve's default: every 2 s). An idle
+# replica exits at its first check, so deletes, scale-downs and updates finish this much sooner.
+DRAIN_CHECK_S = 0.25
 
 
 def _replica_options(cfg: ServeConfig) -> dict:
@@ -91,6 +94,7 @@ def _replica_options(cfg: ServeConfig) -> dict:
         "max_queued_requests": cfg.max_queued_requests,
         # A replica Serve stops (scale-down, redeploy) first finishes what it holds, up to the request deadline.
         "graceful_shutdown_timeout_s": cfg.request_timeout_s + 5,
+        "graceful_shutdown_wait_loop_s": DRAIN_CHECK_S,
         # An update starts new replicas and lets them pass health before old ones stop (Serve's surge rollout).
         "max_surge_percent": cfg.max_surge_percent,
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
@@ -196,6 +200,7 @@ def _application(cfg: ServeConfig, previous: ServeConfig | None = None) -> Appli
         "max_ongoing_requests": 4 * held + 100,
         # An ingress replica Serve stops (an update) answers what it holds first: each request within its deadline.
         "graceful_shutdown_timeout_s": cfg.request_timeout_s + 5,
+        "graceful_shutdown_wait_loop_s": DRAIN_CHECK_S,
         "max_surge_percent": 100,  # 0 CPUs: the new ingress always fits beside the old one
     }
     return CrossEncoderAPI.options(**ingress, max_queued_requests=-1).bind(model, cfg, previous)  # -1: "no limit"
@@ -424,8 +429,14 @@ def stop_server(name: str | None = None) -> None:
         for app in names:
             remove_board(app)
         return
+    for app in names:  # the app and its health app drain side by side
+        serve.delete(app, _blocking=False)
+    deadline = time.monotonic() + 120
+    while (left := [a for a in names if a in serve.status().applications]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        raise RuntimeError(f"Serve did not delete {', '.join(left)} within 120 s")
     for app in names:
-        serve.delete(app)
         remove_board(app)
     if not serve.status().applications:
         serve.shutdown()
