@@ -134,7 +134,7 @@ def wait(
     *,
     address: str | None = None,
     token: str | None = None,
-    poll_s: float = 2.0,
+    poll_s: float = 0.5,
 ) -> JobStatus:
     """Block until the job ends and return its final status (SUCCEEDED, FAILED or STOPPED).
 
