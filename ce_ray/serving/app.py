@@ -209,7 +209,8 @@ def _application(cfg: ServeConfig, previous: ServeConfig | None = None) -> Appli
 def health_builder(args: ServeConfig) -> Application:
     """The app answering ``GET /health`` for API app ``<name>`` (:mod:`ce_ray.serving.health`); deploy it as
     ``<name>-health`` at ``<route_prefix>/health``, with the same ``args`` as :func:`app_builder`."""
-    return Health.options(max_surge_percent=100).bind(_config(args))  # 0 CPUs: an update starts the new one first
+    # 0 CPUs: an update starts the new one first
+    return Health.options(max_surge_percent=100, graceful_shutdown_wait_loop_s=DRAIN_CHECK_S).bind(_config(args))
 
 
 def _config(args: ServeConfig | dict) -> ServeConfig:

@@ -41,9 +41,7 @@ def health_prefix(route_prefix: str) -> str:
     return route_prefix.rstrip("/") + "/health"
 
 
-@serve.deployment(
-    name="Health", num_replicas=1, max_ongoing_requests=1000, graceful_shutdown_wait_loop_s=0.25, ray_actor_options={"num_cpus": 0}
-)
+@serve.deployment(name="Health", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
 class Health:
     """``GET /health``: 200 ``{"status": "ok"}`` while the API app serves, else 503 ``{"status": "unavailable"}``;
     with the API key, the answer names the default model, as the ingress's own ``/health`` does."""
