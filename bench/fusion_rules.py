@@ -69,7 +69,7 @@ def main() -> None:
 
     from ce_ray.config import load_job
     from ce_ray.data import prepare_split
-    from ce_ray.fusion import WEIGHTS
+    from ce_ray.fusion import WEIGHTS, pick_weight
     from ce_ray.modeling import load_for_inference
     from ce_ray.quality import _scored_queries
 
@@ -79,7 +79,7 @@ def main() -> None:
     found = {}
     for name, norm in rules(eval_queries).items():
         curve = {w: score(eval_queries, norm, w) for w in WEIGHTS}
-        weight = max(WEIGHTS, key=lambda w: (round(curve[w], 10), -w))
+        weight = pick_weight(curve)
         found[name] = (weight, curve[weight], norm)
     chosen = max(found, key=lambda n: found[n][1])
     test_queries = _scored_queries(job, model, prepare_split(job, "test"))

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NORMALISATION", "WEIGHTS", "fit_weight", "fused_scores", "rerank_metrics", "zscores"]
+__all__ = ["NORMALISATION", "WEIGHTS", "fit_weight", "fused_scores", "pick_weight", "rerank_metrics", "zscores"]
 
 NORMALISATION = "zscore-per-query"
 WEIGHTS = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
@@ -83,8 +83,12 @@ def fit_weight(eval_queries: list[dict[str, Any]], metric: str = "ndcg@10") -> t
     Each query is ``{"logits": [...], "cosines": [...], "positives": n}`` with its positives first.
     """
     curve = {w: _metrics_at(eval_queries, w)[metric] for w in WEIGHTS}
-    best = max(WEIGHTS, key=lambda w: (round(curve[w], 10), -w))
-    return best, curve
+    return pick_weight(curve), curve
+
+
+def pick_weight(curve: dict[float, float]) -> float:
+    """The weight with the best metric on ``curve`` (weight -> metric), the smaller on a tie (so 0 unless fusion helps)."""
+    return max(curve, key=lambda w: (round(curve[w], 10), -w))
 
 
 def fusion_report(
