@@ -137,12 +137,30 @@ def test_the_cluster_paths_search_finds_the_negatives_mine_hard_negatives_finds(
 
     n = len(groups.queries)
     whole = search(range(n), block=len(corpus))
-    assert whole == search(range(0, 40), block=17) + search(range(40, n), block=33)  # shards and corpus blocks
+    assert whole == search(range(0, 40), block=17) + search(range(40, n), block=32)  # shards and corpus blocks
     assert all(len(negatives) <= 3 and not set(negatives) & set(docs) for negatives, docs in zip(whole, groups.docs))
     assert sum(map(len, whole)) >= 2 * n  # the filters leave most queries their 3 negatives
     if sampling == "top":
         library = _mine_here(pairs_q, pairs_p, None, cfg, 20, None)
         assert whole == [library.get(q, []) for q in groups.queries]
+
+
+@pytest.mark.parametrize("block", [32, 96, 1000, 4096])
+def test_the_block_search_skips_chunks_yet_finds_the_exact_top_k(block):
+    """select_negatives' search scores the corpus a block at a time and, after the first, merges only the 32-column
+    chunks that reach a query's k-th best so far: the result is torch.topk over the whole similarity matrix."""
+    import torch
+    from sentence_transformers.util import cos_sim
+
+    from ce_ray.data.mining import _top_k
+
+    gen = torch.Generator().manual_seed(0)
+    corpus = torch.nn.functional.normalize(torch.randn(3000, 16, generator=gen), dim=1)
+    queries = torch.nn.functional.normalize(corpus[:40] + 0.3 * torch.randn(40, 16, generator=gen), dim=1)
+    expected_scores, expected_ids = torch.topk(cos_sim(queries, corpus), k=101, dim=1)
+    scores, ids = _top_k(queries, corpus, 101, block, "cpu")
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(scores, expected_scores)
 
 
 def test_bf16_mining_embeds_in_bf16_and_finds_nearly_the_fp32_negatives(qa_files):

@@ -171,66 +171,100 @@ def select_negatives(
     range_max: int,
     max_positives: int,
     query_ids: list[int],
-    block: int = 65536,
+    block: int = 8192,
     device: str = "cpu",
 ) -> list[list[int]]:
     """The corpus ids of each query's hard negatives, best first: ``mine_hard_negatives``' exact search and filters.
 
     For each query (a row of ``query_embeddings``, normalised, as are the corpus rows): the top
-    ``range_max + max_positives`` corpus rows by cosine similarity (searched block by block over the corpus,
+    ``range_max + max_positives`` corpus rows by cosine similarity (:func:`_top_k`, block by block over the corpus,
     so memory stays ``len(queries) x block``); its own positives dropped; candidates above
     ``min(positive score) - |min(positive score)| * relative_margin`` or above ``max_score`` dropped; the top
     ``range_max`` kept and the first ``range_min`` skipped; then the top ``num`` (``sampling: top``) or ``num``
     drawn at random (``sampling: random``, seeded with ``(cfg.seed, query id)`` so the draw does not depend on
     how queries are sharded), best first. ``device``: where the similarities and the top-k run (``cuda`` on a GPU
-    actor); the per-query filters run on the CPU.
+    actor); the filters run on the CPU, for all queries at once.
     """
     import torch
-    from sentence_transformers.util import cos_sim, pairwise_cos_sim
+    from sentence_transformers.util import pairwise_cos_sim
 
     with warnings.catch_warnings():  # a read-only array from Ray's object store; nothing here writes to it
         warnings.simplefilter("ignore", UserWarning)
-        queries = torch.as_tensor(query_embeddings).to(device)
+        queries = torch.as_tensor(query_embeddings)
         corpus = torch.as_tensor(corpus_embeddings)
     want = range_max + max_positives
-    k = min(want, len(corpus))
-    best_scores, best_ids = None, None
+    scores, ids = _top_k(queries.to(device), corpus, min(want, len(corpus)), block, device)
+    if want > scores.size(1):  # fewer corpus rows than candidates wanted: pad as the library does
+        scores = torch.cat([scores, scores.new_full((len(scores), want - scores.size(1)), -float("inf"))], 1)
+        ids = torch.cat([ids, ids.new_full((len(ids), want - ids.size(1)), -1)], 1)
+    own = torch.full((len(positive_ids), max(map(len, positive_ids))), -1, dtype=ids.dtype)  # padded with -1
+    for row, positives in enumerate(positive_ids):
+        own[row, : len(positives)] = torch.as_tensor(positives, dtype=ids.dtype)
+    scores[ids == -1] = -float("inf")
+    scores[(ids.unsqueeze(2) == own.unsqueeze(1)).any(2)] = -float("inf")  # the query's own positives
+    if cfg.relative_margin is not None:
+        has = own >= 0
+        positive_scores = torch.full(own.shape, float("inf"))
+        positive_scores[has] = pairwise_cos_sim(queries.unsqueeze(1).expand(-1, own.size(1), -1)[has], corpus[own[has]])
+        lowest = positive_scores.min(1, keepdim=True).values
+        scores[scores > lowest - lowest.abs() * cfg.relative_margin] = -float("inf")
+    if cfg.max_score is not None:
+        scores[scores > cfg.max_score] = -float("inf")
+    top_scores, local = torch.topk(scores, k=range_max, dim=1)
+    top_ids = torch.gather(ids, 1, local)[:, cfg.range_min :].tolist()
+    top_scores = top_scores[:, cfg.range_min :]
+    usable = (~torch.isinf(top_scores)).tolist()
+    if cfg.sampling == "top":
+        return [[i for i, ok in zip(row_ids[: cfg.num], row_ok[: cfg.num]) if ok] for row_ids, row_ok in zip(top_ids, usable)]
+    out = []
+    for row, (row_ids, row_ok) in enumerate(zip(top_ids, usable)):
+        rng = np.random.default_rng([cfg.seed, int(query_ids[row])])
+        picked = sorted(rng.choice(max(sum(row_ok), cfg.num), size=cfg.num, replace=False).tolist())  # best first
+        out.append([row_ids[i] for i in picked if row_ok[i]])
+    return out
+
+
+_CHUNK = 32  # corpus columns per chunk in _top_k's skip test
+
+
+def _top_k(queries, corpus, k: int, block: int, device: str):
+    """(scores, ids): each query's ``k`` most similar corpus rows by cosine similarity, best first; exact.
+
+    The corpus is scored ``block`` rows at a time (memory ``len(queries) x block``). After the first block,
+    each block's scores are cut into chunks of ``_CHUNK`` columns, and only the chunks whose best score reaches a
+    query's k-th best so far are merged into its top k: any row that enters the top k is in such a chunk, so this
+    is the full top-k, at a fraction of its cost once the k-th best is high (most chunks are skipped).
+    """
+    import torch
+    from sentence_transformers.util import cos_sim
+
+    best_scores = best_ids = None
     for start in range(0, len(corpus), block):
         scores = cos_sim(queries, corpus[start : start + block].to(device))
-        top_scores, top_ids = torch.topk(scores, k=min(k, scores.size(1)), dim=1)
-        top_ids = top_ids + start
-        if best_scores is not None:
-            top_scores, top_ids = torch.cat([best_scores, top_scores], 1), torch.cat([best_ids, top_ids], 1)
-            top_scores, order = torch.topk(top_scores, k=k, dim=1)
-            top_ids = torch.gather(top_ids, 1, order)
-        best_scores, best_ids = top_scores, top_ids
-    scores, ids, queries = best_scores.cpu(), best_ids.cpu(), queries.cpu()
-    if want > k:  # fewer corpus rows than candidates wanted: pad as the library does
-        scores = torch.cat([scores, scores.new_full((len(scores), want - k), -float("inf"))], 1)
-        ids = torch.cat([ids, ids.new_full((len(ids), want - k), -1)], 1)
-    out = []
-    for row, (row_scores, row_ids) in enumerate(zip(scores, ids)):
-        own = torch.tensor(positive_ids[row], dtype=row_ids.dtype)
-        row_scores = row_scores.clone()
-        row_scores[row_ids == -1] = -float("inf")
-        row_scores[torch.isin(row_ids, own)] = -float("inf")
-        if cfg.relative_margin is not None:
-            positive_scores = pairwise_cos_sim(queries[row].expand(len(own), -1), corpus[own])
-            lowest = positive_scores.min()
-            row_scores[row_scores > lowest - lowest.abs() * cfg.relative_margin] = -float("inf")
-        if cfg.max_score is not None:
-            row_scores[row_scores > cfg.max_score] = -float("inf")
-        top_scores, local = torch.topk(row_scores, k=range_max)
-        top_ids = row_ids[local][cfg.range_min :]
-        top_scores = top_scores[cfg.range_min :]
-        if cfg.sampling == "top":
-            picked = list(range(cfg.num))
-        else:
-            options = max(int(len(top_scores) - torch.isinf(top_scores).sum()), cfg.num)
-            rng = np.random.default_rng([cfg.seed, int(query_ids[row])])
-            picked = sorted(rng.choice(options, size=cfg.num, replace=False).tolist(), key=lambda i: -float(top_scores[i]))
-        out.append([int(top_ids[i]) for i in picked if not torch.isinf(top_scores[i])])
-    return out
+        width = scores.size(1)
+        if best_scores is None or best_scores.size(1) < k or width % _CHUNK:  # no k-th best yet, or a ragged block
+            ids = torch.arange(start, start + width, device=device).expand(len(queries), -1)
+            if best_scores is not None:
+                scores, ids = torch.cat([best_scores, scores], 1), torch.cat([best_ids, ids], 1)
+            best_scores, order = torch.topk(scores, k=min(k, scores.size(1)), dim=1)
+            best_ids = torch.gather(ids, 1, order)
+            continue
+        chunks = scores.view(len(queries), width // _CHUNK, _CHUNK)
+        rows, cols = (chunks.amax(2) >= best_scores[:, -1:]).nonzero(as_tuple=True)  # sorted by row
+        if len(rows) == 0:
+            continue
+        touched, which, count = torch.unique_consecutive(rows, return_inverse=True, return_counts=True)
+        slot = torch.arange(len(rows), device=device) - (torch.cumsum(count, 0) - count)[which]
+        shape = (len(touched), int(count.max()), _CHUNK)
+        cand_scores = torch.full(shape, -float("inf"), device=device)
+        cand_ids = torch.full(shape, -1, dtype=best_ids.dtype, device=device)
+        cand_scores[which, slot] = chunks[rows, cols]
+        cand_ids[which, slot] = (start + cols * _CHUNK).unsqueeze(1) + torch.arange(_CHUNK, device=device)
+        merged = torch.cat([best_scores[touched], cand_scores.view(len(touched), -1)], 1)
+        merged_ids = torch.cat([best_ids[touched], cand_ids.view(len(touched), -1)], 1)
+        top, order = torch.topk(merged, k=best_scores.size(1), dim=1)
+        best_scores[touched], best_ids[touched] = top, torch.gather(merged_ids, 1, order)
+    return best_scores.cpu(), best_ids.cpu()
 
 
 def with_eval_negatives(table: pa.Table, cfg: NegativesConfig, device: str | None = None) -> pa.Table:
