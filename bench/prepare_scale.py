@@ -31,7 +31,7 @@ per size the full ``prepare_split`` on each path, each in a fresh process with i
   ``cluster-1`` / ``cluster-2``: ``data.prepare_on: cluster`` with ``data.negatives.concurrency`` 1 / 2.
 
 Printed: seconds, embedding throughput (texts/s, from the task's progress line: all texts over the embedding
-stage's wall time, actor start-up included), the driver process's peak RSS, and the largest peak RSS of each kind
+stage's wall time, actor start-up included), search throughput (queries/s, likewise over the search stage), the driver process's peak RSS, and the largest peak RSS of each kind
 of Ray worker (the preparation task, an encoder actor, a search actor), sampled every 0.2 s.
 
     python bench/prepare_scale.py --task rerank --rows 10000 100000 1000000 --model /path/to/tiny-encoder
@@ -274,21 +274,25 @@ def rerank_main(args) -> None:
                 row = json.loads(proc.stdout.strip().splitlines()[-1]) | {"rows": n, "run": mode}
                 rates = re.findall(r"prepare: embedded [\d,]+/[\d,]+ texts on \d+ actor\(s\), ([\d,]+) texts/s", proc.stdout + proc.stderr)
                 row["texts_per_s"] = float(rates[-1].replace(",", "")) if rates else None
+                searched = re.findall(r"prepare: searched [\d,]+/[\d,]+ queries, ([\d,]+) queries/s", proc.stdout + proc.stderr)
+                row["queries_per_s"] = float(searched[-1].replace(",", "")) if searched else None
+                row["progress"] = [line for line in (proc.stdout + proc.stderr).splitlines() if "prepare: " in line]
                 results.append(row)
                 print(f"  {mode} {n:,} pairs: {row['seconds']:.1f} s, driver peak {row['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
 
     print(f"\nsynthetic rerank pairs, 3 hard negatives each (sampling top), encoder {args.model} "
           f"(data.negatives.precision: {args.precision}); {os.cpu_count()} CPUs")  # fmt: skip
-    print("| pairs | path | seconds | embed texts/s | driver peak MiB | task peak MiB | encoder actor peak MiB | search actor peak MiB |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| pairs | path | seconds | embed texts/s | search queries/s | driver peak MiB | task peak MiB | encoder actor peak MiB | search actor peak MiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         if "skipped" in r:
-            print(f"| {r['rows']:,} | {r['run']} | skipped ({r['skipped']}) | | | | | |")
+            print(f"| {r['rows']:,} | {r['run']} | skipped ({r['skipped']}) | | | | | | |")
             continue
         w = r["workers"]
         cell = lambda k: f"{w[k]:,.0f}" if k in w else "-"  # noqa: E731
         rate = f"{r['texts_per_s']:,.0f}" if r["texts_per_s"] else "-"
-        print(f"| {r['rows']:,} | {r['run']} | {r['seconds']:,.1f} | {rate} | {r['peak_mib']:,.0f} | {cell('task')} | {cell('encoder')} | {cell('search')} |")
+        qps = f"{r['queries_per_s']:,.0f}" if r.get("queries_per_s") else "-"
+        print(f"| {r['rows']:,} | {r['run']} | {r['seconds']:,.1f} | {rate} | {qps} | {r['peak_mib']:,.0f} | {cell('task')} | {cell('encoder')} | {cell('search')} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

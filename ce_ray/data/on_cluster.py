@@ -250,6 +250,9 @@ class _ProgressLine:
             self.said = time.monotonic()
 
 
+_SEARCH_SHARD = 4096  # queries per search block: ~10 s for one CPU actor against a 1M-text corpus
+
+
 def _actors(cfg: NegativesConfig) -> int:
     import ray
 
@@ -309,7 +312,8 @@ def mine_on_cluster(
         "q": np.arange(len(queries)), "row": np.arange(n_corpus, total),
         "positives": [positives[q] for q in queries],
     })  # fmt: skip
-    shard = max(1, -(-len(queries) // (actors * 4)))
+    # at least 4 shards per actor (the pool balances), at most _SEARCH_SHARD queries each (a progress line every few s)
+    shard = max(1, min(-(-len(queries) // (actors * 4)), _SEARCH_SHARD))
     found = ray.data.from_arrow([search.slice(i, shard) for i in range(0, len(queries), shard)]).map_batches(
         _Searcher,
         fn_constructor_kwargs={
