@@ -250,7 +250,9 @@ class _ProgressLine:
             self.said = time.monotonic()
 
 
-_SEARCH_SHARD = 4096  # queries per search block: ~10 s for one CPU actor against a 1M-text corpus
+# queries x corpus texts x dimensions per search shard: about 10 s for one CPU actor (4,000 queries against 1M
+# texts of 32 dims; 333 against 1M of all-MiniLM-L6-v2's 384)
+_SEARCH_SHARD_WORK = 128_000_000_000
 
 
 def _actors(cfg: NegativesConfig) -> int:
@@ -312,8 +314,8 @@ def mine_on_cluster(
         "q": np.arange(len(queries)), "row": np.arange(n_corpus, total),
         "positives": [positives[q] for q in queries],
     })  # fmt: skip
-    # at least 4 shards per actor (the pool balances), at most _SEARCH_SHARD queries each (a progress line every few s)
-    shard = max(1, min(-(-len(queries) // (actors * 4)), _SEARCH_SHARD))
+    # at least 4 shards per actor (the pool balances them), none bigger than _SEARCH_SHARD_WORK (the progress line moves)
+    shard = max(1, min(-(-len(queries) // (actors * 4)), -(-_SEARCH_SHARD_WORK // (n_corpus * embeddings.shape[1]))))
     found = ray.data.from_arrow([search.slice(i, shard) for i in range(0, len(queries), shard)]).map_batches(
         _Searcher,
         fn_constructor_kwargs={
