@@ -250,9 +250,15 @@ def _rerank_child(mode: str, path: str, out_dir: str, model: str, precision: str
     print(json.dumps({"seconds": seconds, "peak_mib": peak, "growth_mib": peak - base, "kept": split.rows, "workers": workers}))
 
 
-def rerank_main(args) -> None:
+def _last_rate(pattern: str, output: str) -> float | None:
+    """The rate in the last progress line of ``output`` that matches ``pattern`` (its group: ``12,345``)."""
     import re
 
+    found = re.findall(pattern, output)
+    return float(found[-1].replace(",", "")) if found else None
+
+
+def rerank_main(args) -> None:
     import pyarrow.parquet as pq
 
     runs = [r for r in args.runs if r not in ("check", "prepare")] or ["driver", "cluster-1", "cluster-2"]
@@ -272,11 +278,10 @@ def rerank_main(args) -> None:
                 if proc.returncode != 0:
                     sys.exit(f"{mode} on {n:,} pairs failed:\n{proc.stderr[-4000:]}")
                 row = json.loads(proc.stdout.strip().splitlines()[-1]) | {"rows": n, "run": mode}
-                rates = re.findall(r"prepare: embedded [\d,]+/[\d,]+ texts on \d+ actor\(s\), ([\d,]+) texts/s", proc.stdout + proc.stderr)
-                row["texts_per_s"] = float(rates[-1].replace(",", "")) if rates else None
-                searched = re.findall(r"prepare: searched [\d,]+/[\d,]+ queries, ([\d,]+) queries/s", proc.stdout + proc.stderr)
-                row["queries_per_s"] = float(searched[-1].replace(",", "")) if searched else None
-                row["progress"] = [line for line in (proc.stdout + proc.stderr).splitlines() if "prepare: " in line]
+                output = proc.stdout + proc.stderr
+                row["texts_per_s"] = _last_rate(r"prepare: embedded [\d,]+/[\d,]+ texts on \d+ actor\(s\), ([\d,]+) texts/s", output)
+                row["queries_per_s"] = _last_rate(r"prepare: searched [\d,]+/[\d,]+ queries, ([\d,]+) queries/s", output)
+                row["progress"] = [line for line in output.splitlines() if "prepare: " in line]
                 results.append(row)
                 print(f"  {mode} {n:,} pairs: {row['seconds']:.1f} s, driver peak {row['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
 
