@@ -4,11 +4,13 @@ Every rule ranks one query's (one request's) documents by a weighted sum of the 
 retriever's cosine, each put on a common scale first; the weight of each rule is fitted on the eval rows (the tune
 half of qa/dev) by NDCG@10, as ``ce_ray.fusion.fit_weight`` fits the shipped one:
 
-- ``zscore``: each score standardised over the query's documents (what ``serve.fusion`` serves today);
+- ``zscore``: each score standardised over the query's documents (what ``serve.fusion`` serves for a model without
+  fitted scales);
 - ``minmax``: each score mapped to [0, 1] over the query's documents;
 - ``rank``: reciprocal-rank fusion, ``1 / (60 + rank)`` of each scorer;
-- ``fixed``: no per-query statistics: each score divided by its standard deviation over all eval pairs (a
-  calibrated linear rule, which ranks as a logistic regression on the two scores would).
+- ``fixed``: no per-query statistics: each score standardised by its mean and standard deviation over all eval
+  pairs (a calibrated linear rule, which ranks as a logistic regression on the two scores would). What ce-ray fits
+  and serves (``ce_ray.fusion``, ``normalisation: fixed-scales``).
 
 The table lists every rule's eval (tune-half) NDCG@10 at its fitted weight. The test half is scored for the shipped
 rule and for the rule the eval rows pick, and for no other, so the choice never sees the test rows.
@@ -40,15 +42,15 @@ def _rank(x: np.ndarray) -> np.ndarray:
 
 
 def rules(eval_queries: list[dict]) -> dict:
-    from ce_ray.fusion import zscores
+    from ce_ray.fusion import fit_scales, zscores
 
-    logit_sd = float(np.std(np.concatenate([q["logits"] for q in eval_queries])))
-    cos_sd = float(np.std(np.concatenate([q["cosines"] for q in eval_queries])))
+    scales = fit_scales(eval_queries)  # the rule ce-ray fits and serves (ce_ray.fusion)
     return {
         "zscore": (zscores, zscores),
         "minmax": (_minmax, _minmax),
         "rank": (_rank, _rank),
-        "fixed": (lambda x: np.asarray(x) / logit_sd, lambda x: np.asarray(x) / cos_sd),
+        "fixed": (lambda x: (np.asarray(x) - scales["logit_mean"]) / scales["logit_std"],
+                  lambda x: (np.asarray(x) - scales["cosine_mean"]) / scales["cosine_std"]),
     }
 
 
@@ -85,7 +87,7 @@ def main() -> None:
     test_queries = _scored_queries(job, model, prepare_split(job, "test"))
     print(f"\n{'rule':8} {'weight':>6} {'eval NDCG@10':>13} {'test NDCG@10':>13}")
     for name, (weight, value, norm) in found.items():
-        test = f"{score(test_queries, norm, weight):13.4f}" if name in ("zscore", chosen) else f"{'-':>13}"
+        test = f"{score(test_queries, norm, weight):13.4f}" if name in ("fixed", chosen) else f"{'-':>13}"
         print(f"{name:8} {weight:6.2f} {value:13.4f} {test}" + ("   <- chosen on eval" if name == chosen else ""))
     print(f"pure model: eval {score(eval_queries, found['zscore'][2], 0.0):.4f}, test {score(test_queries, found['zscore'][2], 0.0):.4f}")
 

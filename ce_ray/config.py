@@ -716,7 +716,9 @@ class ServeConfig(_Section):
     fusion: Literal["off", "auto"] | float = Field(
         "off",
         description="Fuse the reranker's score with the retriever's cosine for the same (query, document): (1 - w) x "
-        "z(logit) + w x z(cosine), z-scores over the request's documents, relevance_score = its sigmoid. off = the "
+        "logit + w x cosine, each standardised by the mean and standard deviation it had over the eval pairs and "
+        "the sum calibrated there (relevance_score = the probability of relevance at the fitted w); for a model "
+        "without fitted scales, z-scores over the request's documents. off = the "
         "reranker alone; auto = the weight w that ce-ray train/tune fitted on the eval rows (the model's "
         "ce_ray_quality.json and card; 0 where fusion did not help); or a weight in [0, 1]. Replicas load the "
         "retriever beside each model.",

@@ -116,7 +116,8 @@ def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_mo
     assert f"fused with the retriever, weight {fusion['weight']:g} (test)" in card.text
 
     # The pure test score is the library evaluator's; the fused one is recomputed here from the two models' scores:
-    # z-scores per query, the weight fitted on the eval rows (never below the pure model there), test scored once.
+    # each score standardised by its mean and standard deviation over the eval pairs, the weight fitted on the eval
+    # rows (never below the pure model there), test scored once.
     from sentence_transformers.cross_encoder import CrossEncoder
     from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
     from sklearn.metrics import ndcg_score
@@ -124,7 +125,7 @@ def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_mo
     reranker = CrossEncoder(final_dir)
     pure = CrossEncoderRerankingEvaluator(samples, at_k=10)(reranker)["ndcg@10"]  # fp32 here, as the driver scores final/
     assert summary["metrics_test"]["ndcg@10"] == pytest.approx(pure)
-    assert quality["fusion"] == fusion and fusion["normalisation"] == "zscore-per-query"
+    assert quality["fusion"] == fusion and fusion["normalisation"] == "fixed-scales"
     curve = {float(w): v for w, v in fusion["eval_curve"].items()}
     assert fusion["weight"] in curve and curve[fusion["weight"]] == max(curve.values()) >= curve[0.0]
     # w = 0 is the pure model (the eval rows are the dev file here). Not metrics_final: that eval round ran inside the
@@ -132,16 +133,20 @@ def test_rerank_run_scores_the_retriever_baseline_and_says_when_it_loses(tiny_mo
     # (CI once saw 0.675 vs 0.683).
     assert curve[0.0] == pytest.approx(pure, abs=1e-4)
     encoder = SentenceTransformer(resolve_model_name("bundled:all-MiniLM-L6-v2"))
-    w, ndcgs = fusion["weight"], []
+    w, ndcgs, scored = fusion["weight"], [], []
     for sample in samples:
         docs = sample["positive"] + sample["negative"]
         logits = reranker.predict([(sample["query"], d) for d in docs], activation_fn=torch.nn.Identity())
         cos = encoder.similarity(encoder.encode([sample["query"]]), encoder.encode(docs))[0].numpy()
-        z = lambda x: (x - x.mean()) / x.std() if x.std() > 1e-12 else 0 * x  # noqa: E731
-        fused = (1 - w) * z(np.asarray(logits, dtype=float)) + w * z(np.asarray(cos, dtype=float))
-        ndcgs.append(ndcg_score([[1] * len(sample["positive"]) + [0] * len(sample["negative"])], [fused], k=10))
+        scored.append((np.asarray(logits, dtype=float), np.asarray(cos, dtype=float), len(sample["positive"])))
+    all_logits, all_cos = np.concatenate([s[0] for s in scored]), np.concatenate([s[1] for s in scored])
+    assert fusion["scales"]["logit_std"] == pytest.approx(all_logits.std(), rel=1e-3, abs=1e-5)  # eval = test rows here
+    assert fusion["scales"]["cosine_mean"] == pytest.approx(all_cos.mean(), abs=1e-4)
+    for logits, cos, positives in scored:
+        fused = (1 - w) * logits / all_logits.std() + w * cos / all_cos.std()
+        ndcgs.append(ndcg_score([[1] * positives + [0] * (len(logits) - positives)], [fused], k=10))
     assert fusion["test"]["ndcg@10"] == pytest.approx(float(np.mean(ndcgs)), abs=1e-4)
-    assert f"fused with the retriever (weight {w:g} fitted on eval, zscore-per-query): eval ndcg@10" in train.stdout
+    assert f"fused with the retriever (weight {w:g} fitted on eval, fixed-scales): eval ndcg@10" in train.stdout
 
     # `ce-ray serve` prints it at start-up.
     with socket.socket() as s:

@@ -63,6 +63,9 @@ def model_dirs(tiny_model, tmp_path_factory):
 
 FUSION_WEIGHT = 0.4
 RETRIEVER = "bundled:all-MiniLM-L6-v2"
+# what ce-ray train fits on the eval pairs (ce_ray.fusion.fusion_report); made up here
+FUSION_SCALES = {"logit_mean": 0.05, "logit_std": 0.02, "cosine_mean": 0.3, "cosine_std": 0.15}
+FUSION_CALIBRATION = {"scale": 1.7, "bias": -2.0}
 
 
 def _fused_model(tiny_model, out: Path) -> str:
@@ -72,7 +75,9 @@ def _fused_model(tiny_model, out: Path) -> str:
     from ce_ray.quality import write_model_quality
 
     CrossEncoder(tiny_model, num_labels=1).save(str(out))
-    write_model_quality(str(out), {"task": "rerank", "fusion": {"weight": FUSION_WEIGHT, "normalisation": "zscore-per-query", "retriever": RETRIEVER}})
+    fusion = {"weight": FUSION_WEIGHT, "normalisation": "fixed-scales", "scales": FUSION_SCALES, "calibration": FUSION_CALIBRATION,
+              "retriever": RETRIEVER}  # fmt: skip
+    write_model_quality(str(out), {"task": "rerank", "fusion": fusion})
     return str(out)
 
 
@@ -929,7 +934,7 @@ FUSION_DOCS = [
 
 
 def _fused_expected(model_dir: str, query: str, docs: list[str]):
-    """sigmoid((1 - w) z(logits) + w z(cosines)), z over the request's documents."""
+    """sigmoid(a ((1 - w) (logit - m_l) / s_l + w (cosine - m_c) / s_c) + b) with the model's fitted scales."""
     import numpy as np
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.cross_encoder import CrossEncoder
@@ -939,8 +944,9 @@ def _fused_expected(model_dir: str, query: str, docs: list[str]):
     logits = np.asarray(CrossEncoder(model_dir).predict([(query, d) for d in docs], activation_fn=torch.nn.Identity()), float)
     encoder = SentenceTransformer(resolve_model_name(RETRIEVER))
     cos = encoder.similarity(encoder.encode([query]), encoder.encode(docs))[0].numpy().astype(float)
-    z = lambda x: (x - x.mean()) / x.std()  # noqa: E731
-    return 1 / (1 + np.exp(-((1 - FUSION_WEIGHT) * z(logits) + FUSION_WEIGHT * z(cos))))
+    s, c = FUSION_SCALES, FUSION_CALIBRATION
+    fused = (1 - FUSION_WEIGHT) * (logits - s["logit_mean"]) / s["logit_std"] + FUSION_WEIGHT * (cos - s["cosine_mean"]) / s["cosine_std"]
+    return 1 / (1 + np.exp(-(c["scale"] * fused + c["bias"])))
 
 
 def test_every_shape_serves_the_fused_scores(server):
@@ -963,10 +969,16 @@ def test_every_shape_serves_the_fused_scores(server):
     assert isinstance(tei, list) and [r["index"] for r in tei] == order
     assert [r["score"] for r in tei] == pytest.approx(list(expected[order]), abs=1e-4)
 
+    # The fitted scales are constants: a document sent alone scores as it does among the others.
+    for i in (order[0], order[-1]):
+        alone = httpx.post(f"{server.fused}/rerank", json={"query": QUERY, "documents": [FUSION_DOCS[i]]}, timeout=60).json()
+        assert alone["results"][0]["relevance_score"] == pytest.approx(float(expected[i]), abs=1e-4)
+
 
 def test_info_says_fusion_is_on_with_its_weight(server):
     info = httpx.get(f"{server.fused}/info", timeout=30).json()
-    assert info["fusion"] == {"weight": FUSION_WEIGHT, "normalisation": "zscore-per-query", "retriever": RETRIEVER, "source": "auto (fitted on the eval rows)"}
+    assert info["fusion"] == {"weight": FUSION_WEIGHT, "normalisation": "fixed-scales", "retriever": RETRIEVER,
+                              "source": "auto (fitted on the eval rows)", "scales": FUSION_SCALES, "calibration": FUSION_CALIBRATION}  # fmt: skip
     assert httpx.get(f"{server.rerank}/info", headers=AUTH, timeout=30).json()["fusion"] is None  # off by default
 
 

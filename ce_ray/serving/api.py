@@ -332,8 +332,11 @@ class InfoResponse(BaseModel):
     model_file: str | None = Field(None, description="The ONNX/OpenVINO file served (onnx and openvino backends).")
     fusion: dict[str, Any] | None = Field(
         None,
-        description="serve.fusion: null when off; else {weight, normalisation, retriever, source}: relevance_score is "
-        "the sigmoid of (1 - weight) x z(reranker logit) + weight x z(retriever cosine) over the request's documents.",
+        description="serve.fusion: null when off; else {weight, normalisation, retriever, source} and, for a model "
+        "ce-ray fitted (normalisation fixed-scales), its scales and calibration: relevance_score is the sigmoid of "
+        "scale x ((1 - weight) x (logit - logit_mean) / logit_std + weight x (cosine - cosine_mean) / cosine_std) + "
+        "bias, the same for a document whatever else the request holds; without scales (zscore-per-query), z-scores "
+        "over the request's documents.",
     )
     limits: dict[str, Any] = Field(description="max_documents, max_pairs, max_text_chars and the batching settings.")
     models: list[ServedModel] = Field(default_factory=list, description="Every model this app serves.")

@@ -91,7 +91,7 @@ class LoadedModel:
     precision: str
     backend: str
     model_file: str | None
-    fusion: dict[str, Any] | None = None  # {weight, normalisation, retriever, source} with serve.fusion on
+    fusion: dict[str, Any] | None = None  # {weight, normalisation, retriever, source[, scales, calibration]} when on
     retriever: Any = None  # the SentenceTransformer fused with it (shared by the replica's models)
     version: ModelVersion | None = None  # content hash of the model dir, and when this replica loaded it
     __weakref__: Any = field(default=None, init=False, repr=False, compare=False)
@@ -106,12 +106,15 @@ _RETRIEVERS: dict[tuple[str, str], Any] = {}  # (name, device) -> SentenceTransf
 
 
 def fusion_settings(cfg: ServeConfig, path: str) -> dict[str, Any] | None:
-    """``serve.fusion`` for the model at ``path``: None (off), or its weight, normalisation and retriever.
+    """``serve.fusion`` for the model at ``path``: None (off), or its weight, normalisation and retriever, and the
+    fitted scales and calibration where ``ce_ray_quality.json`` has them (:mod:`ce_ray.fusion`; the calibration only
+    at the fitted weight). Without scales (a model fitted before them, or one ce-ray never fitted), z-scores over
+    each request's documents.
 
     Raises:
         ValueError: ``auto`` for a model without a fitted weight, or a weight without a known retriever.
     """
-    from ce_ray.fusion import NORMALISATION
+    from ce_ray.fusion import NORMALISATION, PER_REQUEST
     from ce_ray.quality import read_model_quality
 
     if cfg.fusion == "off":
@@ -132,7 +135,13 @@ def fusion_settings(cfg: ServeConfig, path: str) -> dict[str, Any] | None:
             f"serve.fusion: {cfg.fusion}: no retriever to fuse {os.path.basename(path)} with; set serve.fusion_retriever "
             "(a SentenceTransformer: hub id, directory or bundled:all-MiniLM-L6-v2)"
         )
-    return {"weight": weight, "normalisation": NORMALISATION, "retriever": retriever, "source": source}
+    scales = (fitted or {}).get("scales")
+    settings = {"weight": weight, "normalisation": NORMALISATION if scales else PER_REQUEST, "retriever": retriever, "source": source}
+    if scales:
+        settings["scales"] = scales
+        if fitted.get("calibration") and weight == float(fitted["weight"]):
+            settings["calibration"] = fitted["calibration"]
+    return settings
 
 
 def load_retriever(name: str, device: str) -> Any:
@@ -292,7 +301,10 @@ class CrossEncoderModel:
         if model.fusion is not None:  # serve.fusion: the reranker's logits with the retriever's cosines
             loop = asyncio.get_running_loop()
             cosines = await loop.run_in_executor(None, model.cosines, request.query, docs)
-            logits = torch.from_numpy(fused_scores(scored.logits.reshape(-1), cosines, model.fusion["weight"]))
+            logits = torch.from_numpy(fused_scores(
+                scored.logits.reshape(-1), cosines, model.fusion["weight"], model.fusion.get("scales"),
+                model.fusion.get("calibration"),
+            ))
             scores = (logits if request.raw_scores else torch.sigmoid(logits)).tolist()
         else:
             logits = torch.from_numpy(scored.logits)

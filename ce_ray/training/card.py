@@ -350,8 +350,10 @@ def _metrics_lines(job: JobConfig, quality: dict[str, Any], before: dict[str, fl
         intro += " The retriever baseline is the bi-encoder scored zero-shot (cosine) on the same candidates."
     if fusion:
         intro += (
-            f" Fused: (1 - w) x z(this model's logit) + w x z(the retriever's cosine), z-scores over each query's "
-            f"candidates, with w = {fusion['weight']:g} fitted on the eval rows (`serve.fusion: auto` serves it); it is "
+            f" Fused: (1 - w) x this model's logit + w x the retriever's cosine, "
+            + ("each standardised by its mean and standard deviation over the eval pairs, "
+               if fusion.get("normalisation") == "fixed-scales" else "z-scores over each query's candidates, ")
+            + f"with w = {fusion['weight']:g} fitted on the eval rows (`serve.fusion: auto` serves it); it is "
             "reported apart and is not this model's own score."
         )
     return [
