@@ -86,14 +86,16 @@ def fit_calibration(scores: np.ndarray, labels: np.ndarray, ridge: float = 1e-3)
     x, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.float64)
     a, b = 1.0, 0.0
     for _ in range(100):
-        p = 1.0 / (1.0 + np.exp(-(a * x + b)))
+        p = 0.5 * (1.0 + np.tanh(0.5 * (a * x + b)))  # the sigmoid, without overflow
         r = p * (1.0 - p)
         grad = np.array([np.dot(p - y, x) + ridge * a, np.sum(p - y)])
         hess = np.array([[np.dot(r, x * x) + ridge, np.dot(r, x)], [np.dot(r, x), np.sum(r) + 1e-9]])
         step = np.linalg.solve(hess, grad)
         a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-10:
+        if not np.isfinite([a, b]).all() or np.abs(step).max() < 1e-10:
             break
+    if not np.isfinite([a, b]).all():  # Newton overshot: no calibration rather than a wrong one
+        return {"scale": 1.0, "bias": 0.0}
     return {"scale": max(float(a), 1e-6), "bias": float(b)}
 
 
