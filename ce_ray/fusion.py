@@ -159,8 +159,8 @@ def fusion_report(
     return {
         "weight": weight,
         "normalisation": NORMALISATION,
-        "scales": {k: round(v, 6) for k, v in scales.items()},
-        "calibration": {k: round(v, 6) for k, v in fit_calibration(fused, labels).items()},
+        "scales": scales,  # unrounded: serving applies exactly what was scored here
+        "calibration": fit_calibration(fused, labels),
         "retriever": retriever,
         "fitted_on": "eval",
         "eval": _metrics_at(eval_queries, weight, scales),
