@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ce_ray import storage
 from ce_ray.config import DataSource, JobConfig
+from ce_ray.fusion import NORMALISATION
 from ce_ray.modeling import hub_model_id
 from ce_ray.tasks import TASKS
 
@@ -352,7 +353,7 @@ def _metrics_lines(job: JobConfig, quality: dict[str, Any], before: dict[str, fl
         intro += (
             f" Fused: (1 - w) x this model's logit + w x the retriever's cosine, "
             + ("each standardised by its mean and standard deviation over the eval pairs, "
-               if fusion.get("normalisation") == "fixed-scales" else "z-scores over each query's candidates, ")
+               if fusion.get("normalisation") == NORMALISATION else "z-scores over each query's candidates, ")
             + f"with w = {fusion['weight']:g} fitted on the eval rows (`serve.fusion: auto` serves it); it is "
             "reported apart and is not this model's own score."
         )
