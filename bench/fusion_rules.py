@@ -41,25 +41,28 @@ def _rank(x: np.ndarray) -> np.ndarray:
     return 1.0 / (60.0 + ranks)
 
 
-def rules(eval_queries: list[dict]) -> dict:
-    from ce_ray.fusion import fit_scales, zscores
+def _each(scale):
+    """The rule that puts each scorer's scores of one query on ``scale``, then weighs them."""
+    return lambda logits, cosines, w: (1 - w) * scale(np.asarray(logits)) + w * scale(np.asarray(cosines))
 
-    scales = fit_scales(eval_queries)  # the rule ce-ray fits and serves (ce_ray.fusion)
+
+def rules(eval_queries: list[dict]) -> dict:
+    """name -> rule(logits, cosines, weight) -> fused scores of one query; zscore and fixed are ce-ray's own."""
+    from ce_ray.fusion import fit_scales, fused_scores
+
+    scales = fit_scales(eval_queries)
     return {
-        "zscore": (zscores, zscores),
-        "minmax": (_minmax, _minmax),
-        "rank": (_rank, _rank),
-        "fixed": (lambda x: (np.asarray(x) - scales["logit_mean"]) / scales["logit_std"],
-                  lambda x: (np.asarray(x) - scales["cosine_mean"]) / scales["cosine_std"]),
+        "zscore": lambda logits, cosines, w: fused_scores(logits, cosines, w),
+        "minmax": _each(_minmax),
+        "rank": _each(_rank),
+        "fixed": lambda logits, cosines, w: fused_scores(logits, cosines, w, scales),
     }
 
 
-def score(queries: list[dict], norm, weight: float) -> float:
+def score(queries: list[dict], rule, weight: float) -> float:
     from ce_ray.fusion import rerank_metrics
 
-    f_logit, f_cos = norm
-    fused = [((1 - weight) * f_logit(q["logits"]) + weight * f_cos(q["cosines"]), q["positives"]) for q in queries]
-    return rerank_metrics(fused)["ndcg@10"]
+    return rerank_metrics([(rule(q["logits"], q["cosines"], weight), q["positives"]) for q in queries])["ndcg@10"]
 
 
 def main() -> None:
@@ -79,15 +82,15 @@ def main() -> None:
     model = load_for_inference(args.model)
     eval_queries = _scored_queries(job, model, prepare_split(job, "eval"))
     found = {}
-    for name, norm in rules(eval_queries).items():
-        curve = {w: score(eval_queries, norm, w) for w in WEIGHTS}
+    for name, rule in rules(eval_queries).items():
+        curve = {w: score(eval_queries, rule, w) for w in WEIGHTS}
         weight = pick_weight(curve)
-        found[name] = (weight, curve[weight], norm)
+        found[name] = (weight, curve[weight], rule)
     chosen = max(found, key=lambda n: found[n][1])
     test_queries = _scored_queries(job, model, prepare_split(job, "test"))
     print(f"\n{'rule':8} {'weight':>6} {'eval NDCG@10':>13} {'test NDCG@10':>13}")
-    for name, (weight, value, norm) in found.items():
-        test = f"{score(test_queries, norm, weight):13.4f}" if name in ("fixed", chosen) else f"{'-':>13}"
+    for name, (weight, value, rule) in found.items():
+        test = f"{score(test_queries, rule, weight):13.4f}" if name in ("fixed", chosen) else f"{'-':>13}"
         print(f"{name:8} {weight:6.2f} {value:13.4f} {test}" + ("   <- chosen on eval" if name == chosen else ""))
     print(f"pure model: eval {score(eval_queries, found['zscore'][2], 0.0):.4f}, test {score(test_queries, found['zscore'][2], 0.0):.4f}")
 
