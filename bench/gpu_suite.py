@@ -4,6 +4,10 @@ Run by ``bench/gpu_suite.sh`` (which installs carried wheels first); writes ``gp
 ``gpu_suite.md`` to ``--out`` (default ``$OUT``). Each part runs as its own process under its own
 time cap; a part that fails or runs out of time is recorded as such and the suite goes on.
 
+The parts share one local Ray (``ray start --head``, token auth on with a token of its own): each part's
+driver joins it through ``RAY_ADDRESS`` instead of starting and stopping a Ray of its own, which costs
+about 6 s of wall time and 7 s of CPU a part. ``--separate-rays`` gives each part its own, as before.
+
     bash bench/gpu_suite.sh                         # on the lent GPU machine: about 9 minutes
     bash bench/gpu_suite.sh --dry-run               # CPU, tiny random model, a few steps: checks the script
 
@@ -44,9 +48,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+# what every part (and the shared Ray's processes) runs with
+PART_ENV = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def _run(name: str, argv: list[str], cap_s: float, log) -> str:
     """Run one command of a part under a time cap, appending its output to the part's log; return a status."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **PART_ENV}
     print(f"[{name}] {' '.join(argv)}  (cap {cap_s:.0f}s)", flush=True)
     try:
         proc = subprocess.run(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=cap_s, start_new_session=True)
@@ -73,6 +81,91 @@ def run_part(name: str, commands: list[list[str]], cap_s: float, result_file: Pa
     measured, goal = _goal(name, result)
     return {"status": status, "wall_s": wall, "measured": measured, "goal": goal, "result": result,
             "log_tail": "" if status == "ok" else log_path.read_text()[-3000:]}
+
+
+class SharedRay:
+    """One local Ray for every part: ``ray start --head --block`` in a process group of its own, token auth on
+    (``RAY_AUTH_MODE=token`` with a token file of its own, Ray's documented variables), the dashboard on
+    127.0.0.1. :meth:`join_env` is what a part needs to join it; :meth:`stop` kills the group (the workers exit
+    with their raylet). Another Ray on the machine (a test session's) is left alone: the parts name this one."""
+
+    def __init__(self, root: Path, num_cpus: int | None):
+        import secrets
+        import socket
+
+        def free_port() -> int:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                return s.getsockname()[1]
+
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        token = root / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self.gcs_port, dashboard_port = free_port(), free_port()
+        self.join_env = {
+            "RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token),
+            # Ray Train asks the dashboard about its actors; with another Ray on the machine it must be told which
+            "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
+        }
+        others = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")  # another Ray's, if any
+        env = {k: v for k, v in os.environ.items() if k not in others}
+        env.update(PART_ENV, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
+        # `ray start` of this Python's Ray (on the device machine: the one installed into .site/)
+        command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={self.gcs_port}",
+                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={root}",
+                   "--disable-usage-stats"]
+        if num_cpus:
+            command.append(f"--num-cpus={num_cpus}")
+        self.log = root / "ray_start.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + 120
+        while not self._listening(dashboard_port):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise SystemExit(f"gpu_suite: the shared Ray did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        print(f"[ray] one local Ray for every part at {self.join_env['RAY_ADDRESS']}", flush=True)
+
+    @staticmethod
+    def _listening(port: int) -> bool:
+        import socket
+
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    def drivers(self) -> int:
+        """How many drivers (Ray jobs) joined this Ray: one per part that ran (each writes its core worker's log)."""
+        logs = self.root / "session_latest" / "logs"
+        return len({f.name.split("-")[3][:8] for f in logs.glob("python-core-driver-*.log")})
+
+    def stop(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        # the workers (process groups of their own) exit once their raylet is gone: wait for that, up to 30 s
+        deadline = time.time() + 30
+        while self._processes() and time.time() < deadline:
+            time.sleep(0.2)
+
+    def _processes(self) -> list[int]:
+        """Pids of the processes whose command line names this Ray's directory (Linux's /proc; none elsewhere)."""
+        found, marker = [], str(self.root).encode()
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if marker in cmdline.read_bytes():
+                    found.append(int(cmdline.parent.name))
+            except OSError:  # gone meanwhile
+                continue
+        return found
 
 
 def _tune_result(out_dir: Path, result_file: Path) -> list[str]:
@@ -182,6 +275,8 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated part names to run (default: all)")
     parser.add_argument("--parallel", type=int, default=0, help="parts run at once (default: 1; 3 with --dry-run, "
                         "whose numbers mean nothing)")
+    parser.add_argument("--separate-rays", action="store_true",
+                        help="each part starts (and stops) a local Ray of its own instead of joining the suite's")
     parser.add_argument("--pack", metavar="DIR", help="only write DIR/data (nli/, qa/) and DIR/model (the bundled model "
                         "in fp16, 45 MB) to carry to the device machine, then exit")
     args = parser.parse_args()
@@ -212,8 +307,21 @@ def main() -> None:
             report["parts"][name] = result
             (out / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))  # after every part
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        list(pool.map(one, parts))
+    # Parts at once each had a Ray of their own with every core; the shared one offers as many logical CPUs
+    cpus = (os.cpu_count() or 1) * parallel if parallel > 1 else None
+    shared = None if args.separate_rays else SharedRay(work / "ray", cpus)
+    if shared:
+        os.environ.update(shared.join_env)  # what _run passes on to every part
+    try:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            list(pool.map(one, parts))
+    finally:
+        if shared:
+            report["ray"] = {"shared": True, "address": shared.join_env["RAY_ADDRESS"], "temp_dir": str(shared.root),
+                             "drivers": shared.drivers()}
+            shared.stop()
+        else:
+            report["ray"] = {"shared": False}
     report["parts"] = {p[0]: report["parts"][p[0]] for p in parts}  # in the parts' order, however they finished
     report["wall_s"] = time.time() - started
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))

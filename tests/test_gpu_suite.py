@@ -31,5 +31,12 @@ def test_gpu_suite_dry_run_runs_every_part_and_writes_its_tables(shared_data, tm
     assert {r["key"] for r in parts["serve"]["result"]["rows"]} == {"inprocess", "batched"}
     assert parts["rerank"]["result"]["metric"] == "eval_ndcg@10" and parts["rerank"]["result"]["baseline"]["test"]
     assert parts["nli"]["result"]["metric"] == "eval_accuracy" and parts["nli"]["result"]["test_metrics"]
+    # every part joined the one Ray the suite started (a driver each), and nothing of that Ray outlives the suite
+    assert report["ray"]["shared"] is True and report["ray"]["drivers"] == len(parts), report["ray"]
+    import psutil
+
+    marker = report["ray"]["temp_dir"]
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or ())]
+    assert not left, left
     table = (tmp_path / "gpu_suite.md").read_text()
     assert table.startswith("# GPU suite (dry run") and all(f"| {name} | ok |" in table for name in parts)
