@@ -6,7 +6,8 @@ time cap; a part that fails or runs out of time is recorded as such and the suit
 
 The parts share one local Ray (``ray start --head``, token auth on with a token of its own): each part's
 driver joins it through ``RAY_ADDRESS`` instead of starting and stopping a Ray of its own, which costs
-about 6 s of wall time and 7 s of CPU a part. ``--separate-rays`` gives each part its own, as before.
+about 6 s of wall time and 7 s of CPU a part. ``--separate-rays`` gives each part its own, as before; with
+``RAY_ADDRESS`` already set, every part joins that Ray instead.
 
     bash bench/gpu_suite.sh                         # on the lent GPU machine: about 9 minutes
     bash bench/gpu_suite.sh --dry-run               # CPU, tiny random model, a few steps: checks the script
@@ -117,7 +118,9 @@ class SharedRay:
         # `ray start` of this Python's Ray (on the device machine: the one installed into .site/)
         command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={self.gcs_port}",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={root}",
-                   "--disable-usage-stats"]
+                   # ports of its own beside another Ray on the machine (whose agent may hold the default 52365)
+                   f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                   "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats"]
         if num_cpus:
             command.append(f"--num-cpus={num_cpus}")
         self.log = root / "ray_start.log"
@@ -309,7 +312,8 @@ def main() -> None:
 
     # Parts at once each had a Ray of their own with every core; the shared one offers as many logical CPUs
     cpus = (os.cpu_count() or 1) * parallel if parallel > 1 else None
-    shared = None if args.separate_rays else SharedRay(work / "ray", cpus)
+    joined = os.environ.get("RAY_ADDRESS")  # a Ray the caller named: the parts join that one
+    shared = None if args.separate_rays or joined else SharedRay(work / "ray", cpus)
     if shared:
         os.environ.update(shared.join_env)  # what _run passes on to every part
     try:
@@ -321,7 +325,7 @@ def main() -> None:
                              "drivers": shared.drivers()}
             shared.stop()
         else:
-            report["ray"] = {"shared": False}
+            report["ray"] = {"shared": False, "address": joined}
     report["parts"] = {p[0]: report["parts"][p[0]] for p in parts}  # in the parts' order, however they finished
     report["wall_s"] = time.time() - started
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=2, default=str))
