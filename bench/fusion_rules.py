@@ -52,7 +52,7 @@ def rules(eval_queries: list[dict]) -> dict:
 
     scales = fit_scales(eval_queries)
     return {
-        "zscore": lambda logits, cosines, w: fused_scores(logits, cosines, w),
+        "zscore": fused_scores,
         "minmax": _each(_minmax),
         "rank": _each(_rank),
         "fixed": lambda logits, cosines, w: fused_scores(logits, cosines, w, scales),
