@@ -104,9 +104,9 @@ class SharedRay:
         token = root / "auth_token"
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
-        self.gcs_port, dashboard_port = free_port(), free_port()
+        gcs_port, dashboard_port = free_port(), free_port()
         self.join_env = {
-            "RAY_ADDRESS": f"127.0.0.1:{self.gcs_port}",
+            "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token),
             # Ray Train asks the dashboard about its actors; with another Ray on the machine it must be told which
@@ -116,7 +116,7 @@ class SharedRay:
         env = {k: v for k, v in os.environ.items() if k not in others}
         env.update(PART_ENV, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0")
         # `ray start` of this Python's Ray (on the device machine: the one installed into .site/)
-        command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={self.gcs_port}",
+        command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={gcs_port}",
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--temp-dir={root}",
                    # ports of its own beside another Ray on the machine (whose agent may hold the default 52365)
                    f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
